@@ -1,0 +1,1 @@
+"""Typer shims over the library modules. Nothing heavy is imported at module top."""

@@ -1,0 +1,76 @@
+"""The `pllcli` application: one typer factory, global options, error mapping.
+
+Subcommand modules live beside this file and expose `register(app)`; each one
+imports torch/h5py inside its command functions so that `pllcli --help` and
+shell completion stay fast.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from pllcli import __version__
+from pllcli.cli._state import settings
+
+# Modules that add commands, in the order they appear in --help.
+COMMAND_MODULES = [
+    "featurize", "labels", "pretrain", "train", "pseudo_label", "evaluate",
+    "predict", "export", "info", "demo",
+]
+
+
+def typer_factory(**kwargs) -> typer.Typer:
+    """A Typer app with the project's shared settings."""
+    defaults = dict(
+        no_args_is_help=True,
+        add_completion=True,
+        pretty_exceptions_enable=False,
+        rich_markup_mode="rich",
+        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    )
+    defaults.update(kwargs)
+    return typer.Typer(**defaults)
+
+
+app = typer_factory(help="Train audio classifiers from ambiguous labels: candidate sets, "
+                         "a few clean labels, weak tags and unlabeled audio.")
+
+
+def _version_callback(value: bool):
+    if value:
+        typer.echo(f"pllcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only warnings and errors on stderr.")] = False,
+    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="More log output (repeatable).")] = 0,
+):
+    settings.debug = debug
+    settings.verbosity = -1 if quiet else verbose
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+
+
+for _name in COMMAND_MODULES:
+    try:
+        _mod = importlib.import_module(f"pllcli.cli.{_name}")
+    except ModuleNotFoundError as _e:  # a command module not written yet
+        if _e.name != f"pllcli.cli.{_name}":
+            raise
+        continue
+    _mod.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app and map exceptions to exit codes."""
+    from pllcli.cli.errors import run_app
+    sys.exit(run_app(app, argv))

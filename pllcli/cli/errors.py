@@ -1,0 +1,77 @@
+"""Map exception types to one-line messages and exit codes.
+
+0 ok, 1 failure, 2 usage, 130 Ctrl-C. Tracebacks only with `--debug`
+(or PLLCLI_DEBUG=1, which also covers errors raised before option parsing).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import typer
+
+try:  # typer >= 0.22 vendors click
+    from typer.exceptions import TyperException as _CliException
+except ImportError:  # pragma: no cover - older typer on click
+    from click.exceptions import ClickException as _CliException
+
+from pllcli.cli._state import settings
+from pllcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, PllcliError
+
+
+def _debug() -> bool:
+    return settings.debug or os.environ.get("PLLCLI_DEBUG", "") not in ("", "0")
+
+
+def format_error(exc: BaseException) -> tuple[str, int]:
+    """(one-line message, exit code) for an exception raised by a command."""
+    if isinstance(exc, PllcliError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, FileNotFoundError):
+        return f"{exc.filename}: no such file or directory", EXIT_FAILURE
+    if isinstance(exc, IsADirectoryError):
+        return f"{exc.filename}: is a directory", EXIT_FAILURE
+    if isinstance(exc, PermissionError):
+        return f"{exc.filename}: permission denied", EXIT_FAILURE
+    if isinstance(exc, OSError) and getattr(exc, "filename", None):
+        return f"{exc.filename}: {exc.strerror or exc}", EXIT_FAILURE
+    if isinstance(exc, UnicodeDecodeError):
+        return f"input is not valid UTF-8 ({exc.reason} at byte {exc.start})", EXIT_FAILURE
+    if isinstance(exc, MemoryError):
+        return "out of memory; try a smaller --batch-size", EXIT_FAILURE
+    name = type(exc).__name__
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"internal error ({name}{': ' + msg if msg else ''}); rerun with --debug for the traceback", EXIT_FAILURE
+
+
+def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
+    """Run a Typer app in non-standalone mode; return the exit code."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="pllcli", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _CliException as e:
+        if hasattr(e, "show"):
+            e.show(file=sys.stderr)
+        else:  # pragma: no cover
+            print(f"error: {e}", file=sys.stderr)
+        return e.exit_code if e.exit_code else EXIT_USAGE
+    except BrokenPipeError:
+        return 0
+    except BaseException as e:  # noqa: BLE001 - the one place that turns errors into messages
+        if isinstance(e, SystemExit):
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_FAILURE)
+        if _debug():
+            traceback.print_exc()
+        msg, code = format_error(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return code

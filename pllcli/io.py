@@ -1,0 +1,201 @@
+"""Small I/O helpers shared by every stage: atomic writes, tables, shards, JSON, provenance."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from pllcli.errors import InputError, UsageError
+
+STDIO = "-"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only on success.
+
+    A reader never sees a half-written file: either the old one or the complete new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    if str(path) == STDIO:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(obj: Any, path: str | os.PathLike | None) -> None:
+    """Write `obj` as indented JSON to `path` ('-' for stdout); no-op for None."""
+    if path is None:
+        return
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    try:
+        import numpy as np
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N; None -> (0, 1)."""
+    if spec is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard must look like I/N (e.g. 0/4), got {spec!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard {spec}: need 0 <= I < N")
+    return i, n
+
+
+def sha256_file(path: str | os.PathLike, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        read = 0
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            read += len(chunk)
+            if limit is not None and read >= limit:
+                break
+    return h.hexdigest()
+
+
+def provenance(inputs: dict[str, str | os.PathLike | None] | None = None,
+               params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What made an output: command line, input checksums, parameters, time, version."""
+    from pllcli import __version__
+    files = {}
+    for role, p in (inputs or {}).items():
+        if p is None or str(p) == STDIO:
+            files[role] = {"path": str(p)} if p is not None else None
+            continue
+        p = Path(p)
+        files[role] = {"path": str(p), "sha256": sha256_file(p) if p.is_file() else None}
+    return {
+        "command": sys.argv,
+        "inputs": files,
+        "params": params or {},
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "pllcli_version": __version__,
+    }
+
+
+# ---------------------------------------------------------------- tables
+
+def _open_text(path: str | os.PathLike) -> io.TextIOBase:
+    if str(path) == STDIO:
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="strict", newline="")
+    return open(path, encoding="utf-8", errors="strict", newline="")
+
+
+def table_format(path: str | os.PathLike, first_line: str = "") -> str:
+    """'csv', 'tsv' or 'jsonl', from the extension or else the first line."""
+    name = str(path).lower()
+    for ext, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".tsv", "tsv"), (".csv", "csv")):
+        if name.endswith(ext):
+            return fmt
+    s = first_line.lstrip()
+    if s.startswith("{"):
+        return "jsonl"
+    return "tsv" if "\t" in first_line else "csv"
+
+
+class Table:
+    """Rows of a CSV, TSV or JSONL file as dicts of strings, with 1-based line numbers.
+
+    `Table(path, required=["id", "path"])` fails at once with the file and the
+    missing column; iterating yields `(line_no, row)`; a non-UTF-8 byte is an
+    InputError naming the line.
+    """
+
+    def __init__(self, path: str | os.PathLike, required: list[str] | tuple[str, ...] = (),
+                 name: str | None = None):
+        self.path = str(path)
+        self.name = name or ("<stdin>" if self.path == STDIO else self.path)
+        if self.path != STDIO and not Path(self.path).exists():
+            raise InputError("no such file", self.name)
+        raw = self._read_all()
+        self._lines = raw.splitlines()
+        first = next((ln for ln in self._lines if ln.strip()), "")
+        self.format = table_format(self.path, first)
+        if self.format == "jsonl":
+            self.columns = list(json.loads(first).keys()) if first else []
+        else:
+            delim = "\t" if self.format == "tsv" else ","
+            self._reader_rows = list(csv.reader(self._lines, delimiter=delim))
+            self.columns = [c.strip() for c in self._reader_rows[0]] if self._reader_rows else []
+        if not self.columns:
+            raise InputError("empty file (no header line)", self.name)
+        missing = [c for c in required if c not in self.columns]
+        if missing:
+            raise InputError(f"missing column {missing[0]!r} (columns: {', '.join(self.columns)})",
+                             self.name, line=1, field=missing[0])
+
+    def _read_all(self) -> str:
+        if self.path == STDIO:
+            data = sys.stdin.buffer.read()
+        else:
+            data = Path(self.path).read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise InputError(f"not valid UTF-8 (byte 0x{data[e.start]:02x})", self.name, line=line) from None
+        return text.lstrip("\ufeff")
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, str]]]:
+        if self.format == "jsonl":
+            for ln, line in enumerate(self._lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"invalid JSON ({e.msg})", self.name, line=ln) from None
+                if not isinstance(obj, dict):
+                    raise InputError("each JSONL line must be an object", self.name, line=ln)
+                yield ln, {k: ("" if v is None else str(v)) for k, v in obj.items()}
+            return
+        for ln, cells in enumerate(self._reader_rows[1:], start=2):
+            if not cells or all(not c.strip() for c in cells):
+                continue
+            if len(cells) > len(self.columns):
+                raise InputError(f"{len(cells)} fields, header has {len(self.columns)}", self.name, line=ln)
+            cells = cells + [""] * (len(self.columns) - len(cells))
+            yield ln, {c: v.strip() for c, v in zip(self.columns, cells)}
+
+    def rows(self) -> list[tuple[int, dict[str, str]]]:
+        return list(self)
