@@ -18,7 +18,7 @@ from pllcli.cli._state import settings
 
 # Modules that add commands, in the order they appear in --help.
 COMMAND_MODULES = [
-    "featurize", "labels", "pretrain", "train", "pseudo_label", "evaluate",
+    "featurize", "merge", "labels", "pretrain", "train", "pseudo_label", "evaluate",
     "predict", "export", "info", "demo",
 ]
 

@@ -1,0 +1,1 @@
+complete --command pllcli --no-files --arguments "(env _PLLCLI_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) pllcli)" --condition "env _PLLCLI_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) pllcli"

@@ -1,0 +1,109 @@
+"""`pllcli train`: train a classifier from a feature store and a label store."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pllcli.cli._options import BatchSize, Device, FeatureStorePath, JsonOut, Seed
+
+
+def train_cmd(
+    features: FeatureStorePath,
+    labels: Annotated[Optional[Path], typer.Option("--labels", "-l", help="Label store (.h5) joined by id.")] = None,
+    outdir: Annotated[Optional[Path], typer.Option("-o", "--outdir", help="Output folder (checkpoints, log.jsonl).")] = None,
+    model: Annotated[str, typer.Option("--model", help="Model name (see --list-models).")] = "convgru",
+    model_opt: Annotated[Optional[list[str]], typer.Option(
+        "--model-opt", help="Model option KEY=VALUE (repeatable), e.g. width=16.")] = None,
+    objective: Annotated[Optional[list[str]], typer.Option(
+        "--objective", help="NAME[:KEY=VALUE,...] (repeatable); default 'proden:eps=0.01'. Common keys: "
+                            "weight, schedule (constant|linear|sigmoid), start, end.")] = None,
+    pll: Annotated[Optional[str], typer.Option(
+        "--pll", help="Shortcut: the candidate-set loss (cc, proden, rc, lws, pico, cr, mse) with defaults.")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", "-e", min=1)] = 30,
+    batch_size: BatchSize = 64,
+    max_frames: Annotated[int, typer.Option("--max-frames", help="Random crop length in frames (0 = full).")] = 300,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adamw, adam or sgd.")] = "adamw",
+    lr: Annotated[float, typer.Option("--lr")] = 3e-3,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
+    lr_schedule: Annotated[str, typer.Option(
+        "--lr-schedule", help="cosine, cosine-restarts, onecycle, poly or constant.")] = "cosine",
+    warmup: Annotated[float, typer.Option("--warmup", help="Linear LR warm-up, epochs.")] = 1.0,
+    restart_epochs: Annotated[float, typer.Option("--restart-epochs", help="cosine-restarts period.")] = 10.0,
+    ema: Annotated[float, typer.Option("--ema", help="EMA decay of weights (0 = off), e.g. 0.999.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Average the K best checkpoints (0 = off).")] = 3,
+    patience: Annotated[int, typer.Option("--patience", help="Early stopping patience in epochs (0 = off).")] = 0,
+    valid: Annotated[Optional[Path], typer.Option("--valid", help="Validation feature store.")] = None,
+    valid_labels: Annotated[Optional[Path], typer.Option("--valid-labels", help="Labels of --valid (default: --labels).")] = None,
+    valid_fraction: Annotated[float, typer.Option(
+        "--valid-fraction", help="Share of clean items held out for validation (without --valid).")] = 0.2,
+    augment: Annotated[Optional[list[str]], typer.Option(
+        "--augment", help="Augmentation KEY=VALUE (gain_db, shift, time_masks, time_width, freq_masks, "
+                          "freq_width) or 'none'.")] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Load encoder weights from this checkpoint.")] = None,
+    freeze: Annotated[bool, typer.Option("--freeze", help="Freeze the encoder (linear probe).")] = False,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue from OUTDIR/last.pt (or this file).")] = None,
+    device: Device = "auto",
+    seed: Seed = 0,
+    no_amp: Annotated[bool, typer.Option("--no-amp", help="No mixed precision on CUDA.")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch intra-op threads.")] = None,
+    list_models_: Annotated[bool, typer.Option("--list-models", help="List models and exit.")] = False,
+    list_objectives_: Annotated[bool, typer.Option("--list-objectives", help="List objectives and exit.")] = False,
+    json_out: JsonOut = None,
+):
+    """Train a classifier from candidate sets, clean labels and unlabeled items.
+
+    Writes OUTDIR/best.pt, last.pt, averaged.pt, log.jsonl and summary.json. Works unchanged
+    under `torchrun --nproc_per_node N` (data parallel, rank 0 writes).
+    """
+    from pllcli.cli._state import settings
+    from pllcli.errors import UsageError
+    from pllcli.io import write_json
+    if list_models_ or list_objectives_:
+        if list_models_:
+            from pllcli.models import list_models
+            for k, v in list_models().items():
+                typer.echo(f"{k:14s} {v}")
+        if list_objectives_:
+            from pllcli.training.objectives import list_objectives
+            for k, v in list_objectives().items():
+                typer.echo(f"{k:14s} {v}")
+        return
+    if labels is None:
+        raise UsageError("--labels is required")
+    if outdir is None and resume is None:
+        raise UsageError("-o/--outdir is required")
+    if outdir is None:
+        outdir = resume if resume.is_dir() else resume.parent
+    from pllcli.models import parse_model_options
+    from pllcli.training.trainer import DEFAULT_OBJECTIVES, TrainConfig, train
+    objectives = list(objective or [])
+    if pll:
+        objectives.append(pll)
+    if not objectives:
+        objectives = list(DEFAULT_OBJECTIVES)
+    aug = {}
+    if augment and any(a.strip().lower() == "none" for a in augment):
+        from pllcli.training.augment import AugmentConfig
+        aug = AugmentConfig.none().to_dict()
+    else:
+        aug = parse_model_options(augment)
+    if resume is None and (outdir / "last.pt").exists():
+        raise UsageError(f"{outdir} already holds a training run (last.pt); use --resume {outdir} or another -o")
+    cfg = TrainConfig(
+        features=str(features), labels=str(labels), outdir=str(outdir), model=model,
+        model_options=parse_model_options(model_opt), objectives=objectives, epochs=epochs,
+        batch_size=batch_size, max_frames=max_frames or None, optimizer=optimizer, lr=lr,
+        weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_epochs=warmup,
+        restart_epochs=restart_epochs, ema=ema, top_k=top_k, patience=patience,
+        valid=str(valid) if valid else None, valid_labels=str(valid_labels) if valid_labels else None,
+        valid_fraction=valid_fraction, augment=aug, init=str(init) if init else None, freeze=freeze,
+        seed=seed, device=device, amp=not no_amp, resume=str(resume) if resume else None,
+        progress=settings.verbosity >= 0, threads=threads)
+    summary = train(cfg)
+    write_json(summary, json_out)
+
+
+def register(app):
+    app.command(name="train")(train_cmd)

@@ -1,0 +1,642 @@
+"""Score a model (checkpoint + feature store) or a predictions file against ground truth.
+
+Scores
+    - checkpoint + feature store: the model runs on every item of the store (which must have
+      the checkpoint's feature config hash); probabilities are softmax (single-label task) or
+      sigmoid (multi-label) of the logits; frame-level models also give frame probabilities.
+    - predictions file (CSV, TSV or JSONL), one of two layouts:
+        wide: `id` plus one column per class holding that class's probability;
+        long (top-k): `id,label,prob` (or `score`), one row per (item, class); classes an item
+        lacks get probability 0; an optional `rank` column is ignored.
+
+Ground truth
+    - a label store (.h5): clean labels (single-label task), tags (multi-label task), strong
+      events, candidate sets (PLL metrics); items without truth for the task are skipped;
+      every scored item must be in the store.
+    - a table `id,label` (or `labels`), labels joined by ';' for multi-label; every listed id must
+      be scored.
+    - a strong-event table `id,onset,offset,label` (seconds): clip tags are the event labels;
+      every listed id must be scored. Frame / segment / event metrics need frame outputs (a
+      frame-level checkpoint) or estimated events (`estimated_events`, same layout).
+
+Class universe: the checkpoint's classes, the predictions file's class columns, or (long
+layout) the union of predicted labels, the truth's classes and the label store's classes.
+A truth label outside it is an error naming the file and line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pllcli.errors import ConfigMismatchError, InputError, MissingExtraError, UsageError
+
+log = logging.getLogger(__name__)
+
+LABEL_SEP = ";"
+_PROB_COLUMNS = ("prob", "probability", "score")
+_IGNORED_COLUMNS = ("rank",)
+
+
+# ---------------------------------------------------------------- scores
+
+@dataclass
+class Scores:
+    ids: list
+    classes: list
+    probs: "object"                      # np.ndarray (N, C)
+    task: str | None = None              # from the checkpoint, None for a predictions file
+    frame_probs: dict | None = None      # id -> (T', C)
+    frame_hop: dict | None = None        # id -> seconds per output frame
+    durations: dict | None = None
+    source: dict = field(default_factory=dict)
+    is_probability: bool = True
+
+
+def _examples(items, n=3) -> str:
+    items = list(items)
+    return ", ".join(repr(str(x)) for x in items[:n]) + (", ..." if len(items) > n else "")
+
+
+def read_predictions(path, classes_hint=None) -> Scores:
+    """Parse a predictions file (wide or long layout, see the module docstring)."""
+    import numpy as np
+    from pllcli.io import Table
+    t = Table(path, required=["id"])
+    cols = t.columns
+    prob_col = next((c for c in _PROB_COLUMNS if c in cols), None)
+    long = "label" in cols and prob_col is not None
+    if long:
+        extra = [c for c in cols if c not in ("id", "label", prob_col) + _IGNORED_COLUMNS]
+        if extra:
+            raise InputError(f"unexpected column {extra[0]!r} in a long (id,label,{prob_col}) predictions file",
+                             t.name, line=1, field=extra[0])
+        rows: dict[str, dict[str, float]] = {}
+        labels_seen: dict[str, None] = {}
+        for ln, row in t:
+            item, label = row["id"], row["label"]
+            if not item or not label:
+                raise InputError("empty id or label", t.name, line=ln, field="id" if not item else "label")
+            v = _float(row[prob_col], t.name, ln, prob_col)
+            d = rows.setdefault(item, {})
+            if label in d:
+                raise InputError(f"duplicate prediction for ({item!r}, {label!r})", t.name, line=ln)
+            d[label] = v
+            labels_seen.setdefault(label, None)
+        classes = list(classes_hint) if classes_hint is not None else sorted(labels_seen)
+        unknown = [c for c in labels_seen if c not in classes]
+        if unknown:
+            raise InputError(f"predicted label(s) not among the {len(classes)} classes: {_examples(unknown)}",
+                             t.name, field="label")
+        ids = list(rows)
+        index = {c: i for i, c in enumerate(classes)}
+        probs = np.zeros((len(ids), len(classes)))
+        for r, item in enumerate(ids):
+            for label, v in rows[item].items():
+                probs[r, index[label]] = v
+        layout = "long"
+    else:
+        classes = [c for c in cols if c != "id" and c not in _IGNORED_COLUMNS]
+        if not classes or ("label" in cols and prob_col is None):
+            raise InputError(f"predictions need columns 'id' plus one probability column per class, or "
+                             f"'id,label,prob' rows (columns: {', '.join(cols)})", t.name, line=1)
+        if classes_hint is not None:
+            unknown = [c for c in classes if c not in classes_hint]
+            if unknown:
+                raise InputError(f"column {unknown[0]!r} is not a known class (known: "
+                                 f"{_examples(classes_hint, 5)})", t.name, line=1, field=unknown[0])
+        ids, values, seen = [], [], {}
+        for ln, row in t:
+            item = row["id"]
+            if not item:
+                raise InputError("empty id", t.name, line=ln, field="id")
+            if item in seen:
+                raise InputError(f"duplicate id {item!r} (first on line {seen[item]})", t.name, line=ln, field="id")
+            seen[item] = ln
+            ids.append(item)
+            values.append([_float(row[c], t.name, ln, c) for c in classes])
+        probs = np.asarray(values, dtype=np.float64).reshape(len(ids), len(classes))
+        layout = "wide"
+    if not ids:
+        raise InputError("no predictions (only a header)", t.name)
+    is_prob = bool(probs.size and probs.min() >= 0 and probs.max() <= 1)
+    return Scores(ids=ids, classes=list(classes), probs=probs, source={"predictions": str(path), "layout": layout},
+                  is_probability=is_prob)
+
+
+def _float(s, name, ln, col) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise InputError(f"not a number: {s!r}", name, line=ln, field=col) from None
+    if not math.isfinite(v):
+        raise InputError(f"not a finite number: {s!r}", name, line=ln, field=col)
+    return v
+
+
+def score_checkpoint(checkpoint, features, *, batch_size: int = 32, device: str = "cpu") -> Scores:
+    """Run a classifier checkpoint on every item of a feature store."""
+    import numpy as np
+    import torch
+    from pllcli.checkpoint import load_model
+    from pllcli.features.store import FeatureStore
+    from pllcli.runtime import resolve_device
+    dev = resolve_device(device)
+    model, meta = load_model(checkpoint, device=str(dev))
+    fs = FeatureStore(features)
+    want = meta.get("feature_config_hash")
+    if want and fs.config_hash != want:
+        detail = ""
+        try:
+            from pllcli.features.config import check_compatible
+            check_compatible(meta.get("feature_config") or {}, fs.config, f"feature store {features}")
+        except ConfigMismatchError as e:
+            detail = f" ({e})"
+        raise ConfigMismatchError(f"{features}: feature config hash {fs.config_hash} differs from the "
+                                  f"checkpoint's {want}{detail}; featurize the audio with the checkpoint's config")
+    classes = [str(c) for c in meta["classes"]]
+    task = meta.get("task", "single")
+    ids = [str(i) for i in fs.ids]
+    durations = np.asarray(fs.durations, dtype=np.float64)
+    hop_in = fs.config.hop_length / fs.config.sample_rate
+    probs = np.zeros((len(ids), len(classes)))
+    frame_probs, frame_hop = {}, {}
+    order = np.argsort(np.asarray(fs.num_frames))  # similar lengths together: less padding
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            feats = [np.asarray(fs[int(i)], dtype=np.float32) for i in rows]
+            lens = torch.tensor([f.shape[0] for f in feats])
+            x = torch.zeros(len(feats), int(lens.max()), feats[0].shape[1])
+            for j, f in enumerate(feats):
+                x[j, :f.shape[0]] = torch.from_numpy(f)
+            out = model(x.to(dev), lens.to(dev))
+            logits = out["logits"].float()
+            p = torch.sigmoid(logits) if task == "multi" else torch.softmax(logits, dim=-1)
+            probs[rows] = p.cpu().double().numpy()
+            if "frame_logits" in out:
+                fl = torch.sigmoid(out["frame_logits"].float()).cpu().numpy()
+                flen = out.get("frame_lengths")
+                flen = flen.cpu().numpy() if flen is not None else np.full(len(rows), fl.shape[1])
+                stride = x.shape[1] / fl.shape[1]
+                for j, i in enumerate(rows):
+                    frame_probs[ids[i]] = fl[j, :int(flen[j])]
+                    frame_hop[ids[i]] = hop_in * stride
+    return Scores(ids=ids, classes=classes, probs=probs, task=task,
+                  frame_probs=frame_probs or None, frame_hop=frame_hop or None,
+                  durations=dict(zip(ids, durations.tolist())),
+                  source={"checkpoint": str(checkpoint), "features": str(features),
+                          "feature_config_hash": fs.config_hash})
+
+
+# ---------------------------------------------------------------- truth
+
+@dataclass
+class Truth:
+    path: str
+    kind: str                          # "label-store" | "labels" | "strong"
+    task: str                          # "single" | "multi"
+    ids: list                          # items with truth, file order
+    labels: dict                       # id -> class name (single) or frozenset of names (multi)
+    line: dict = field(default_factory=dict)   # id -> line number (tables)
+    classes: list | None = None        # a label store's class list
+    events: dict | None = None         # id -> [(onset, offset, label)]
+    candidates: dict | None = None     # id -> frozenset of names (label store)
+    universe: set | None = None        # ids the truth source knows (label store: all its ids)
+
+
+def read_truth(path) -> Truth:
+    """A label store (.h5/.hdf5) or a table (labels or strong events)."""
+    p = str(path)
+    if p != "-" and Path(p).suffix.lower() in (".h5", ".hdf5", ".hdf"):
+        return _truth_from_store(p)
+    from pllcli.io import Table
+    t = Table(p, required=["id"])
+    if "onset" in t.columns or "offset" in t.columns:
+        for c in ("onset", "offset", "label"):
+            if c not in t.columns:
+                raise InputError(f"strong-event truth needs columns id,onset,offset,label; missing {c!r}",
+                                 t.name, line=1, field=c)
+        events, line = {}, {}
+        for ln, row in t:
+            item = row["id"]
+            if not item or not row["label"]:
+                raise InputError("empty id or label", t.name, line=ln)
+            on, off = _float(row["onset"], t.name, ln, "onset"), _float(row["offset"], t.name, ln, "offset")
+            if not 0 <= on < off:
+                raise InputError(f"need 0 <= onset < offset, got {on:g}..{off:g}", t.name, line=ln, field="offset")
+            events.setdefault(item, []).append((on, off, row["label"]))
+            line.setdefault(item, ln)
+        labels = {i: frozenset(e[2] for e in evs) for i, evs in events.items()}
+        return Truth(p, "strong", "multi", list(events), labels, line, events=events)
+    col = "label" if "label" in t.columns else "labels" if "labels" in t.columns else None
+    if col is None:
+        raise InputError(f"truth needs columns id,label (or id,labels, or id,onset,offset,label); "
+                         f"columns: {', '.join(t.columns)}", t.name, line=1, field="label")
+    raw, line = {}, {}
+    for ln, row in t:
+        item = row["id"]
+        if not item:
+            raise InputError("empty id", t.name, line=ln, field="id")
+        if item in raw:
+            raise InputError(f"duplicate id {item!r} (first on line {line[item]})", t.name, line=ln, field="id")
+        raw[item] = [x.strip() for x in row[col].split(LABEL_SEP) if x.strip()]
+        line[item] = ln
+    multi = col == "labels" or any(len(v) != 1 for v in raw.values())
+    if multi:
+        labels = {i: frozenset(v) for i, v in raw.items()}
+    else:
+        labels = {i: v[0] for i, v in raw.items()}
+    return Truth(p, "labels", "multi" if multi else "single", list(raw), labels, line)
+
+
+def _truth_from_store(path) -> Truth:
+    import numpy as np
+    from pllcli.labels.store import read_label_store
+    d = read_label_store(path)
+    classes = [str(c) for c in d.classes]
+    ids = [str(i) for i in d.ids]
+    labels = {}
+    if d.task == "multi":
+        for r in np.flatnonzero(d.has_tags):
+            labels[ids[r]] = frozenset(classes[j] for j in d.tags(int(r)))
+    else:
+        for r in np.flatnonzero(d.clean >= 0):
+            labels[ids[r]] = classes[int(d.clean[r])]
+    events = None
+    if len(d.strong_item):
+        events = {}
+        for it, on, off, lab in zip(d.strong_item, d.strong_onset, d.strong_offset, d.strong_label):
+            events.setdefault(ids[int(it)], []).append((float(on), float(off), classes[int(lab)]))
+        if d.task == "multi":  # items with strong labels count as tagged
+            for it, evs in events.items():
+                labels.setdefault(it, frozenset(e[2] for e in evs))
+    candidates = None
+    if d.has_candidates.any():
+        candidates = {ids[r]: frozenset(classes[j] for j in d.candidates(int(r)))
+                      for r in np.flatnonzero(d.has_candidates)}
+    return Truth(path, "label-store", d.task, [i for i in ids if i in labels], labels, classes=classes,
+                 events=events, candidates=candidates, universe=set(ids))
+
+
+def read_events_table(path) -> dict:
+    """Estimated events `id,onset,offset,label` -> {id: [(onset, offset, label)]}."""
+    tr = read_truth(path)
+    if tr.kind != "strong":
+        raise InputError("estimated events need columns id,onset,offset,label", str(path), line=1)
+    return tr.events
+
+
+# ---------------------------------------------------------------- evaluation
+
+@dataclass
+class Result:
+    report: dict
+    classes: list
+    task: str
+    y: "object" = None          # (N,) int or (N, C) bool
+    probs: "object" = None      # (N, C)
+
+
+def _check_classes(truth: Truth, classes: list) -> None:
+    known = set(classes)
+    if truth.classes is not None:
+        unknown = [c for c in truth.classes if c not in known]
+        if unknown:
+            raise InputError(f"{len(unknown)} class(es) of the label store are unknown to the model "
+                             f"({_examples(unknown)}; model classes: {_examples(classes, 5)})", truth.path,
+                             field="classes")
+    for item in truth.ids:
+        v = truth.labels[item]
+        for c in ([v] if isinstance(v, str) else sorted(v)):
+            if c not in known:
+                raise InputError(f"unknown class {c!r} for id {item!r} (not among the {len(classes)} model "
+                                 f"classes: {_examples(classes, 5)})", truth.path, line=truth.line.get(item),
+                                 field="label")
+    for item, evs in (truth.events or {}).items():
+        for e in evs:
+            if e[2] not in known:
+                raise InputError(f"unknown event class {e[2]!r} for id {item!r}", truth.path,
+                                 line=truth.line.get(item), field="label")
+
+
+def _align(truth: Truth, scores: Scores) -> list:
+    """Rows of `scores` to evaluate, in truth order; raises on ids that do not match."""
+    index = {i: r for r, i in enumerate(scores.ids)}
+    where = scores.source.get("predictions") or scores.source.get("features") or "the scores"
+    if truth.universe is not None:  # label store: every scored id must be in it
+        missing = [i for i in scores.ids if i not in truth.universe]
+        if missing:
+            raise InputError(f"{len(missing)} of {len(scores.ids)} ids in {where} are not in the label store "
+                             f"(e.g. {_examples(missing)})", truth.path, field="ids")
+        items = [i for i in truth.ids if i in index]
+    else:  # a truth table lists the test set: every listed id must be scored
+        missing = [i for i in truth.ids if i not in index]
+        if missing:
+            raise InputError(f"{len(missing)} of {len(truth.ids)} truth ids have no prediction in {where} "
+                             f"(e.g. {_examples(missing)})", truth.path, line=truth.line.get(missing[0]),
+                             field="id")
+        items = list(truth.ids)
+        extra = len(scores.ids) - len(items)
+        if extra:
+            log.info("%d scored items have no ground truth and are skipped", extra)
+    if not items:
+        raise InputError(f"no scored item has a ground-truth label (task {truth.task})", truth.path)
+    return items
+
+
+def evaluate(truth_path, *, checkpoint=None, features=None, predictions=None, estimated_events=None,
+             batch_size: int = 32, device: str = "cpu", threshold: float = 0.5, top_k=(2, 3, 5),
+             n_bins: int = 15, t_collar: float = 0.2, percentage_of_length: float = 0.5,
+             segment_resolution: float = 1.0, median: int = 1) -> Result:
+    """Compute every metric that the inputs allow; returns a Result with a JSON-ready report."""
+    import numpy as np
+    from pllcli.metrics import event_based, frame_based, multi_label, pll, segment_based, single_label
+    if predictions is not None and (checkpoint is not None or features is not None):
+        raise UsageError("give either a predictions file or a checkpoint with a feature store, not both")
+    if predictions is None and (checkpoint is None or features is None):
+        raise UsageError("need a checkpoint and a feature store (or --predictions FILE)")
+    truth = read_truth(truth_path)
+    if predictions is not None:
+        hint = None
+        if truth.classes is not None:
+            hint = truth.classes
+        scores = read_predictions(predictions, classes_hint=hint)
+        if scores.source.get("layout") == "long" and truth.classes is None:  # add truth classes the top-k lists never name
+            extra = sorted({c for v in truth.labels.values() for c in ([v] if isinstance(v, str) else v)}
+                           - set(scores.classes))
+            if extra:
+                scores.classes = scores.classes + extra
+                scores.probs = np.concatenate([scores.probs, np.zeros((len(scores.ids), len(extra)))], 1)
+    else:
+        scores = score_checkpoint(checkpoint, features, batch_size=batch_size, device=device)
+    classes = scores.classes
+    task = scores.task or truth.task
+    if scores.task is not None and truth.task != task:
+        if task == "multi" and truth.task == "single":  # single labels are valid multi-label tags
+            truth.labels = {i: frozenset([v]) for i, v in truth.labels.items()}
+            truth.task = "multi"
+        else:
+            raise InputError(f"the truth has several labels per item but the model is single-label "
+                             f"(e.g. id {_examples(i for i, v in truth.labels.items() if len(v) != 1)})",
+                             truth.path, field="label")
+    _check_classes(truth, classes)
+    items = _align(truth, scores)
+    row = {i: r for r, i in enumerate(scores.ids)}
+    rows = np.array([row[i] for i in items])
+    probs = scores.probs[rows]
+    cindex = {c: k for k, c in enumerate(classes)}
+    report = {"task": task, "n_items": len(items), "num_classes": len(classes),
+              "inputs": {**scores.source, "truth": str(truth_path), "truth_kind": truth.kind}}
+    if task == "single":
+        y = np.array([cindex[truth.labels[i]] for i in items])
+        clip = single_label.summary(y, probs, classes, top_k=top_k, n_bins=n_bins,
+                                    probs=probs if scores.is_probability else None)
+    else:
+        y = np.zeros((len(items), len(classes)), dtype=bool)
+        for r, i in enumerate(items):
+            for c in truth.labels[i]:
+                y[r, cindex[c]] = True
+        clip = multi_label.summary(y, probs, classes, threshold=threshold)
+    report["clip"] = clip
+
+    # PLL: candidate sets of a label store against clean / truth labels
+    if truth.candidates is not None and task == "single":
+        cand_items = [i for i in items if i in truth.candidates]
+        if cand_items:
+            cm = np.zeros((len(cand_items), len(classes)), dtype=bool)
+            for r, i in enumerate(cand_items):
+                for c in truth.candidates[i]:
+                    cm[r, cindex[c]] = True
+            yt = np.array([cindex[truth.labels[i]] for i in cand_items])
+            pr = scores.probs[np.array([row[i] for i in cand_items])]
+            report["pll"] = {"coverage": pll.candidate_coverage(cm, yt),
+                             "disambiguation": pll.disambiguation_accuracy(pr, cm, yt)}
+
+    # frame / segment / event level
+    if truth.events is not None:
+        ref = {i: truth.events.get(i, []) for i in items}
+        est = None
+        if estimated_events is not None:
+            est_all = read_events_table(estimated_events)
+            est = {i: est_all.get(i, []) for i in items}
+        if scores.frame_probs is not None:
+            fp = {i: scores.frame_probs[i] for i in items if i in scores.frame_probs}
+            hops = {scores.frame_hop[i] for i in fp}
+            hop = float(np.median(list(hops)))
+            fauc = frame_based.auc(fp, ref, classes, hop)
+            F, P, R, _ = frame_based.fscore(fp, ref, classes, hop, threshold=threshold)
+            report["frame"] = {"hop_seconds": hop, "auc": fauc["macro"], "macro_f1": F["macro_average"],
+                               "micro_f1": F["micro_average"], "threshold": threshold,
+                               "per_class_auc": fauc["per_class"]}
+            if est is None:
+                from pllcli.events import decode_events
+                est = {i: [tuple(e) for e in decode_events(fp[i], classes, scores.frame_hop[i], threshold,
+                                                           median=median)] for i in fp}
+                report["inputs"]["estimated_events"] = f"decoded from frame outputs (threshold {threshold})"
+        elif estimated_events is not None:
+            report["inputs"]["estimated_events"] = str(estimated_events)
+        if est is not None:
+            dur = scores.durations
+            sF, sP, sR, sS = segment_based.fscore(est, ref, classes, time_resolution=segment_resolution,
+                                                  durations=dur)
+            eF, eP, eR, eS = event_based.fscore(est, ref, classes, t_collar=t_collar,
+                                                percentage_of_length=percentage_of_length)
+            report["segment"] = {"time_resolution": segment_resolution,
+                                 "macro_f1": sF["macro_average"], "micro_f1": sF["micro_average"],
+                                 "micro_precision": sP["micro_average"], "micro_recall": sR["micro_average"],
+                                 "per_class_f1": {c: sF[c] for c in classes}}
+            report["event"] = {"t_collar": t_collar, "percentage_of_length": percentage_of_length,
+                               "macro_f1": eF["macro_average"], "micro_f1": eF["micro_average"],
+                               "micro_precision": eP["micro_average"], "micro_recall": eR["micro_average"],
+                               "per_class_f1": {c: eF[c] for c in classes}}
+    return Result(report=_clean(report), classes=classes, task=task, y=y, probs=probs)
+
+
+def _clean(obj):
+    """NaN / inf -> None so that the JSON report is standard JSON."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    try:
+        import numpy as np
+        if isinstance(obj, np.generic):
+            return _clean(obj.item())
+        if isinstance(obj, np.ndarray):
+            return _clean(obj.tolist())
+    except ImportError:  # pragma: no cover
+        pass
+    return obj
+
+
+# ---------------------------------------------------------------- text output
+
+def render(result: Result, console=None, max_classes: int = 30) -> None:
+    """Rich tables: headline figures, then per-class figures."""
+    from rich.console import Console
+    from rich.table import Table
+    console = console or Console()
+    rep = result.report
+    t = Table(title=f"evaluation ({rep['task']}-label, {rep['n_items']} items, {rep['num_classes']} classes)")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+
+    def add(name, v):
+        t.add_row(name, "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
+    clip = rep["clip"]
+    keys = ["accuracy"] + sorted(k for k in clip if k.startswith("top")) + ["macro_f1", "micro_f1", "ece"] \
+        if rep["task"] == "single" else ["mAP", "micro_mAP", "lwlrap", "roc_auc", "micro_roc_auc",
+                                         "d_prime", "macro_f1", "micro_f1"]
+    for k in keys:
+        if k in clip:
+            add(k, clip[k])
+    if "pll" in rep:
+        add("candidate coverage", rep["pll"]["coverage"]["coverage"])
+        add("mean candidate set size", rep["pll"]["coverage"]["mean_set_size"])
+        add("disambiguation acc (in set)", rep["pll"]["disambiguation"]["restricted"])
+    for level in ("frame", "segment", "event"):
+        if level in rep:
+            if level == "frame":
+                add("frame AUC", rep[level]["auc"])
+            add(f"{level} macro F1", rep[level]["macro_f1"])
+            add(f"{level} micro F1", rep[level]["micro_f1"])
+    console.print(t)
+    pc = clip.get("per_class", {})
+    if pc:
+        cols = ["precision", "recall", "f1", "support"] if rep["task"] == "single" else \
+            ["ap", "roc_auc", "lwlrap", "f1", "support"]
+        t2 = Table(title="per class" + (f" (first {max_classes})" if len(pc) > max_classes else ""))
+        t2.add_column("class")
+        for c in cols:
+            t2.add_column(c, justify="right")
+        for name, d in list(pc.items())[:max_classes]:
+            t2.add_row(name, *["n/a" if d[c] is None else (f"{d[c]:.3f}" if isinstance(d[c], float) else str(d[c]))
+                               for c in cols])
+        console.print(t2)
+
+
+# ---------------------------------------------------------------- plots
+
+def read_train_log(path) -> list[dict]:
+    rows = []
+    p = Path(path)
+    if not p.exists():
+        raise InputError("no such file", str(path))
+    for ln, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"invalid JSON ({e.msg})", str(path), line=ln) from None
+        if not isinstance(obj, dict):
+            raise InputError("each line must be a JSON object", str(path), line=ln)
+        rows.append(obj)
+    if not rows:
+        raise InputError("empty train log", str(path))
+    return rows
+
+
+def make_plots(result: Result, outdir, train_log=None, max_pr_classes: int = 10) -> list[str]:
+    """PNG files in `outdir`: confusion matrix + reliability diagram (single-label), PR curves,
+    training curves (with `train_log`). Returns the paths written."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingExtraError("matplotlib", "plots", "--plots") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from pllcli.io import atomic_path
+    from pllcli.metrics import multi_label, single_label
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    written = []
+    logs = read_train_log(train_log) if train_log else None
+
+    def save(fig, name):
+        path = outdir / name
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(str(path))
+
+    classes, probs, y = result.classes, result.probs, result.y
+    C = len(classes)
+    if result.task == "single":
+        cm = np.asarray(result.report["clip"]["confusion_matrix"], dtype=float)
+        norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        size = min(14, 3 + 0.35 * C)
+        fig, ax = plt.subplots(figsize=(size, size))
+        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        if C <= 40:
+            ax.set_xticks(range(C), classes, rotation=90, fontsize=7)
+            ax.set_yticks(range(C), classes, fontsize=7)
+            if C <= 20:
+                for i in range(C):
+                    for j in range(C):
+                        if cm[i, j]:
+                            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                                    color="white" if norm[i, j] > 0.5 else "black")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title("confusion matrix (rows normalised)")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        save(fig, "confusion_matrix.png")
+        if "ece" in result.report["clip"]:
+            b = single_label.reliability_bins(y, probs)
+            fig, ax = plt.subplots(figsize=(5, 5))
+            centers = (b["edges"][:-1] + b["edges"][1:]) / 2
+            width = b["edges"][1] - b["edges"][0]
+            acc = np.nan_to_num(b["accuracy"])
+            ax.bar(centers, acc, width=width * 0.95, edgecolor="k", label="accuracy")
+            ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
+            ax.set_xlabel("confidence")
+            ax.set_ylabel("accuracy")
+            ax.set_title(f"reliability (ECE {result.report['clip']['ece']:.3f})")
+            ax.legend(loc="upper left")
+            save(fig, "reliability.png")
+        Y = np.zeros((len(y), C), dtype=bool)
+        Y[np.arange(len(y)), y] = True
+    else:
+        Y = y
+    support = Y.sum(0)
+    top = [c for c in np.argsort(-support, kind="mergesort")[:max_pr_classes] if support[c] > 0]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for c in top:
+        p, r, _ = multi_label.precision_recall_curve(Y[:, c], probs[:, c])
+        ap = multi_label.average_precision(Y[:, [c]], probs[:, [c]])[0]
+        ax.step(np.r_[0, r], np.r_[p[0], p], where="post", label=f"{classes[c]} (AP {ap:.2f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("precision-recall" + (f" ({len(top)} most frequent classes)" if C > len(top) else ""))
+    ax.legend(fontsize=7, loc="lower left")
+    save(fig, "pr_curves.png")
+    if logs:
+        xkey = "epoch" if all("epoch" in r for r in logs) else ("step" if all("step" in r for r in logs) else None)
+        xs = [r[xkey] for r in logs] if xkey else list(range(1, len(logs) + 1))
+        skip = {"epoch", "step", "time_s", "data_wait_share", "items_per_s", "monitor_value", "lr"}
+        keys = [k for k in dict.fromkeys(k for r in logs for k in r) if k not in skip
+                and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
+                        for r in logs if k in r)]
+        loss_keys = [k for k in keys if "loss" in k]
+        other = [k for k in keys if "loss" not in k]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, ks, title in ((axes[0], loss_keys, "losses"), (axes[1], other, "metrics")):
+            for k in ks[:12]:
+                pts = [(x, r[k]) for x, r in zip(xs, logs) if k in r]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=k)
+            ax.set_xlabel(xkey or "line")
+            ax.set_title(title)
+            if ks:
+                ax.legend(fontsize=7)
+        save(fig, "training_curves.png")
+    return written

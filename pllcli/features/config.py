@@ -1,0 +1,195 @@
+"""Feature configuration: presets, hashing, compatibility checks and the torch frontend.
+
+A `FeatureConfig` fully describes how a waveform becomes a (T, F) feature matrix.
+`make_frontend()` builds the torch module used both by `pllcli featurize` and by the
+exported graph, so the two can never drift apart.
+
+Framing is "snip edges" (no centre padding) for both frontends: frame t covers samples
+[t*hop, t*hop + frame) where frame = n_fft (logmel) or win_length (fbank). A clip of S
+samples therefore has `num_frames(S) = 1 + (S - frame) // hop` frames (1 if S < frame,
+the clip being zero-padded), and zero-padding a clip for batching never changes its
+first `num_frames(S)` frames.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pllcli.errors import ConfigMismatchError, UsageError
+
+FRONTENDS = ("logmel", "fbank")
+DTYPES = ("float32", "float16")
+# float32 machine epsilon: Kaldi's floor for log mel energies.
+KALDI_EPS = 1.1920928955078125e-07
+
+# Fields that change the numbers a model sees. `dtype` is only the storage precision
+# and is left out of the hash and of compatibility checks.
+_SEMANTIC_FIELDS = ("frontend", "sample_rate", "n_fft", "win_length", "hop_length", "n_mels",
+                    "fmin", "fmax", "log_offset")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """How a waveform becomes features.
+
+    frontend: "logmel" (torchaudio-style power mel spectrogram, periodic Hann window of
+    `win_length` centred in `n_fft`, HTK mel scale, no filter normalisation, then
+    log(x + log_offset)) or "fbank" (Kaldi fbank as torchaudio.compliance.kaldi.fbank with
+    dither 0, povey window, pre-emphasis 0.97, DC removal, snip_edges, then
+    log(max(x, log_offset))). Lengths are in samples at `sample_rate`; fmax <= 0 means
+    Nyquist + fmax (Kaldi convention, 0 = Nyquist).
+    """
+
+    frontend: str = "logmel"
+    sample_rate: int = 8000
+    n_fft: int = 512
+    win_length: int = 200
+    hop_length: int = 80
+    n_mels: int = 64
+    fmin: float = 20.0
+    fmax: float = 4000.0
+    log_offset: float = 1e-6
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------ presets / dicts
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "FeatureConfig":
+        """A named preset (see `PRESETS`), with field overrides (None values ignored)."""
+        if name not in PRESETS:
+            raise UsageError(f"unknown feature preset {name!r} (choose from {', '.join(PRESETS)})")
+        d = dict(PRESETS[name])
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | str) -> "FeatureConfig":
+        """From a dict (or its JSON string); unknown keys are an error, missing keys take defaults."""
+        if isinstance(d, (str, bytes)):
+            d = json.loads(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigMismatchError(f"unknown feature config field(s): {', '.join(unknown)}")
+        types = {"frontend": str, "dtype": str, "sample_rate": int, "n_fft": int, "win_length": int,
+                 "hop_length": int, "n_mels": int, "fmin": float, "fmax": float, "log_offset": float}
+        try:
+            return cls(**{k: types[k](v) for k, v in d.items()})
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"bad feature config value: {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def hash(self) -> str:
+        """16 hex chars of sha256 over the fields that change the features (not `dtype`)."""
+        d = {k: getattr(self, k) for k in _SEMANTIC_FIELDS}
+        for k in ("fmin", "fmax", "log_offset"):
+            d[k] = float(d[k])
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def replace(self, **changes) -> "FeatureConfig":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    # ------------------------------------------------------------ geometry
+    def validate(self) -> None:
+        if self.frontend not in FRONTENDS:
+            raise UsageError(f"feature frontend must be one of {', '.join(FRONTENDS)}, got {self.frontend!r}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"feature dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for k in ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels"):
+            if getattr(self, k) < 1:
+                raise UsageError(f"feature config {k} must be >= 1, got {getattr(self, k)}")
+        if self.frontend == "logmel" and self.win_length > self.n_fft:
+            raise UsageError(f"win_length {self.win_length} > n_fft {self.n_fft}")
+        if self.frontend == "fbank" and self.n_fft != _pow2(self.win_length):
+            raise UsageError(f"fbank: n_fft must be the next power of two of win_length "
+                             f"({_pow2(self.win_length)}), got {self.n_fft}")
+        if not self.log_offset > 0:
+            raise UsageError(f"log_offset must be > 0, got {self.log_offset}")
+        hi = self.fmax_hz
+        if not 0 <= self.fmin < hi <= self.sample_rate / 2 + 1e-6:
+            raise UsageError(f"need 0 <= fmin < fmax <= sample_rate/2, got fmin={self.fmin} "
+                             f"fmax={self.fmax} at {self.sample_rate} Hz")
+
+    @property
+    def fmax_hz(self) -> float:
+        return self.fmax if self.fmax > 0 else self.sample_rate / 2 + self.fmax
+
+    @property
+    def frame_length(self) -> int:
+        """Samples covered by one frame (n_fft for logmel, win_length for fbank)."""
+        return self.n_fft if self.frontend == "logmel" else self.win_length
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames produced for a clip of `num_samples` samples (>= 1 for any non-empty clip)."""
+        if num_samples <= self.frame_length:
+            return 1
+        return 1 + (num_samples - self.frame_length) // self.hop_length
+
+    def make_frontend(self):
+        """torch nn.Module: waveform (B, S) float at `sample_rate` -> features (B, T, n_mels) float32."""
+        from pllcli.features.frontend import build_frontend
+        return build_frontend(self)
+
+    def summary(self) -> str:
+        return (f"{self.frontend} {self.sample_rate} Hz, {self.n_mels} mels, "
+                f"win {self.win_length}/hop {self.hop_length} (n_fft {self.n_fft}), "
+                f"{self.fmin:g}-{self.fmax_hz:g} Hz, {self.dtype}")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(n)))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # 8 kHz speech (FSDD, chat-fsdd): 25 ms / 10 ms, 64 mels up to Nyquist. n_fft 512 so that
+    # the lowest mel filters still cover at least one FFT bin.
+    "speech8k": dict(frontend="logmel", sample_rate=8000, n_fft=512, win_length=200, hop_length=80,
+                     n_mels=64, fmin=20.0, fmax=4000.0, log_offset=1e-6),
+    # 16 kHz speech: 64 mels, 25 ms / 10 ms.
+    "speech16k": dict(frontend="logmel", sample_rate=16000, n_fft=512, win_length=400, hop_length=160,
+                      n_mels=64, fmin=20.0, fmax=8000.0, log_offset=1e-6),
+    # Kaldi-style fbank variants (40 bins, the usual Kaldi choice at these rates).
+    "fbank8k": dict(frontend="fbank", sample_rate=8000, n_fft=256, win_length=200, hop_length=80,
+                    n_mels=40, fmin=20.0, fmax=0.0, log_offset=KALDI_EPS),
+    "fbank16k": dict(frontend="fbank", sample_rate=16000, n_fft=512, win_length=400, hop_length=160,
+                     n_mels=64, fmin=20.0, fmax=0.0, log_offset=KALDI_EPS),
+}
+DEFAULT_PRESET = "speech8k"
+
+
+def _as_dict(c: "dict | FeatureConfig | str") -> dict[str, Any]:
+    if isinstance(c, FeatureConfig):
+        return c.to_dict()
+    if isinstance(c, (str, bytes)):
+        return json.loads(c)
+    return dict(c)
+
+
+def check_compatible(expected: "dict | FeatureConfig", actual: "dict | FeatureConfig", what: str) -> None:
+    """Raise ConfigMismatchError naming every differing field (dtype, the storage precision, is ignored).
+
+    `what` names the thing being checked, e.g. "feature store runs/x.h5 vs checkpoint m.pt".
+    """
+    e, a = _as_dict(expected), _as_dict(actual)
+    diffs = []
+    for k in _SEMANTIC_FIELDS:
+        ev, av = e.get(k, getattr(FeatureConfig, k, None)), a.get(k, getattr(FeatureConfig, k, None))
+        if isinstance(ev, (int, float)) and isinstance(av, (int, float)) and not isinstance(ev, bool):
+            same = math.isclose(float(ev), float(av), rel_tol=1e-6, abs_tol=1e-12)
+        else:
+            same = ev == av
+        if not same:
+            diffs.append(f"{k} expected {ev!r} got {av!r}")
+    if diffs:
+        raise ConfigMismatchError(f"{what}: feature config differs: " + "; ".join(diffs))

@@ -1,0 +1,413 @@
+"""`featurize`: audio files -> feature store, batched, parallel, sharded, resumable.
+
+Pipeline: the input list (manifest or directory) is cut into chunks of `chunk_size`
+files by position. A worker decodes a chunk, sorts its clips by length, pads similar
+lengths into batches for the frontend, and returns the features in chunk order. Only
+the parent process writes HDF5: each finished chunk becomes `OUT.parts/part-NNNNNN.h5`
+(tmp + rename). A rerun keeps the parts whose chunk still holds the same ids and paths
+and skips them. At the end the parts are merged into a temporary file renamed onto OUT,
+and the parts folder is removed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from pllcli.audio import AUDIO_EXTENSIONS, SKIP_REASONS, AudioSkip, load_audio
+from pllcli.errors import InputError, StrictModeError, UsageError
+from pllcli.features.config import FeatureConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 512
+BATCH_SAMPLES = 1 << 18     # padded samples per frontend batch (~33 s at 8 kHz)
+BATCH_MAX_ITEMS = 128
+_DIE_AFTER = "PLLCLI_TEST_KILL_AFTER_CHUNKS"   # test hook: SIGKILL self after writing N parts
+
+
+@dataclass
+class Item:
+    id: str
+    path: str          # resolved path
+    line: int          # manifest line (0 for directory scans)
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Skip:
+    id: str
+    path: str
+    line: int
+    reason: str
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "path": self.path, "line": self.line, "reason": self.reason, "detail": self.detail}
+
+
+# -------------------------------------------------------------------- inputs
+
+def read_manifest(src: str) -> tuple[list[Item], list[str]]:
+    """Rows of a CSV/TSV/JSONL manifest ('-' = stdin) -> (items, meta columns). Relative paths
+    resolve against the manifest's folder (the working directory for stdin)."""
+    from pllcli.io import STDIO, Table
+    t = Table(src, required=["id", "path"])
+    base = Path.cwd() if src == STDIO else Path(src).resolve().parent
+    meta_cols = [c for c in t.columns if c not in ("id", "path")]
+    items = []
+    for ln, row in t:
+        iid, p = row.get("id", ""), row.get("path", "")
+        if not iid:
+            raise InputError("empty id", t.name, line=ln, field="id")
+        if not p:
+            raise InputError("empty path", t.name, line=ln, field="path")
+        path = p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+        items.append(Item(iid, path, ln, {c: row.get(c, "") for c in meta_cols}))
+    return items, meta_cols
+
+
+def scan_directory(root: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> list[Item]:
+    """Audio files under `root` (recursive, sorted by relative path); id = relative path without extension."""
+    exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
+    rootp = os.path.abspath(root)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(rootp):
+        rel_dir = os.path.relpath(dirpath, rootp)
+        rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
+        for fn in filenames:
+            stem, e = os.path.splitext(fn)
+            if e.lower() in exts:
+                found.append((rel_dir + fn, rel_dir + stem, os.path.join(dirpath, fn)))
+    found.sort()
+    return [Item(iid, full, 0) for _, iid, full in found]
+
+
+def resolve_inputs(src: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> tuple[list[Item], list[str], str]:
+    """(items, meta columns, kind) for a manifest file, '-' (stdin manifest) or a directory."""
+    if src != "-" and Path(src).is_dir():
+        items = scan_directory(src, extensions)
+        if not items:
+            raise InputError(f"no audio files ({', '.join(extensions)}) found in directory", src)
+        return items, [], "directory"
+    if src != "-" and not Path(src).exists():
+        raise InputError("no such manifest file or directory", src)
+    items, cols = read_manifest(src)
+    return items, cols, "manifest"
+
+
+def duplicate_flags(items: list[Item]) -> list[Skip | None]:
+    """Per item: None for the first use of its id, a duplicate_id Skip for later ones."""
+    first: dict[str, Item] = {}
+    flags: list[Skip | None] = []
+    for it in items:
+        f = first.setdefault(it.id, it)
+        if f is it:
+            flags.append(None)
+        else:
+            where = f"line {f.line}" if f.line else f.path
+            flags.append(Skip(it.id, it.path, it.line, "duplicate_id", f"id first used at {where}"))
+    return flags
+
+
+def shard_slice(n: int, shard: tuple[int, int]) -> slice:
+    i, k = shard
+    return slice(i * n // k, (i + 1) * n // k)
+
+
+# -------------------------------------------------------------------- worker side
+
+_FRONTENDS: dict[str, Any] = {}
+
+
+def _frontend(config: FeatureConfig):
+    key = config.to_json()
+    fe = _FRONTENDS.get(key)
+    if fe is None:
+        fe = _FRONTENDS[key] = config.make_frontend()
+    return fe
+
+
+def _init_worker() -> None:
+    import torch
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+
+
+def compute_features(waves: Sequence[np.ndarray], config: FeatureConfig,
+                     batch_samples: int = BATCH_SAMPLES, max_items: int = BATCH_MAX_ITEMS) -> list[np.ndarray]:
+    """Features for many clips: list of (S_i,) float32 -> list of (T_i, F) float32, T_i = num_frames(S_i).
+
+    Clips are sorted by length and zero-padded into batches of similar length; with
+    snip-edges framing the padding never changes a clip's own frames.
+    """
+    import torch
+    fe = _frontend(config)
+    out: list[np.ndarray | None] = [None] * len(waves)
+    order = sorted(range(len(waves)), key=lambda k: len(waves[k]))
+    minlen = config.frame_length
+    i = 0
+    with torch.inference_mode():
+        while i < len(order):
+            j = i + 1
+            # grow the batch while the padded size (count x longest) stays within budget
+            while j < len(order) and j - i < max_items and \
+                    (j + 1 - i) * max(len(waves[order[j]]), minlen) <= batch_samples:
+                j += 1
+            idx = order[i:j]
+            L = max(max(len(waves[k]) for k in idx), minlen)
+            batch = np.zeros((len(idx), L), dtype=np.float32)
+            for r, k in enumerate(idx):
+                batch[r, :len(waves[k])] = waves[k]
+            power = fe.power(torch.from_numpy(batch))  # (b, T, n_freq)
+            for r, k in enumerate(idx):
+                # the mel matmul runs per clip on exactly its own frames: bitwise the same
+                # result whatever batch the clip landed in (shards, chunk sizes, jobs)
+                out[k] = fe.mel(power[r:r + 1, :config.num_frames(len(waves[k]))])[0].numpy()
+            i = j
+    return out  # type: ignore[return-value]
+
+
+def process_chunk(task: tuple[int, list[tuple[str, str]], dict]) -> dict[str, Any]:
+    """Worker: decode + featurize one chunk. task = (chunk no, [(id, path)], config dict).
+
+    Returns {chunk, ok (local indices), num_frames, durations, features (sumT, F) in chunk
+    order, skipped [(local idx, reason, detail)], warnings [(local idx, kind, detail)], audio_seconds}.
+    """
+    k, pairs, cfgd = task
+    config = FeatureConfig.from_dict(cfgd)
+    waves, ok, durs, skipped, warns = [], [], [], [], []
+    for li, (_iid, path) in enumerate(pairs):
+        try:
+            a = load_audio(path, config.sample_rate)
+        except AudioSkip as e:
+            skipped.append((li, e.reason, e.detail))
+            continue
+        if a.silent:
+            warns.append((li, "silent", "all samples are zero"))
+        waves.append(a.samples)
+        ok.append(li)
+        durs.append(a.duration)
+    feats = compute_features(waves, config) if waves else []
+    nf = np.asarray([f.shape[0] for f in feats], dtype=np.int64)
+    cat = np.concatenate(feats, axis=0).astype(config.dtype, copy=False) if feats \
+        else np.zeros((0, config.n_mels), dtype=config.dtype)
+    return {"chunk": k, "ok": ok, "num_frames": nf, "durations": np.asarray(durs, dtype=np.float64),
+            "features": cat, "skipped": skipped, "warnings": warns,
+            "audio_seconds": float(np.sum(durs)) if durs else 0.0}
+
+
+# -------------------------------------------------------------------- parent side
+
+def _chunk_key(chunk: Sequence[Item]) -> str:
+    h = hashlib.sha1()
+    for it in chunk:
+        h.update(f"{it.id}\t{it.path}\n".encode())
+    return h.hexdigest()
+
+
+def _part_path(parts_dir: Path, k: int) -> Path:
+    return parts_dir / f"part-{k:06d}.h5"
+
+
+def _write_part(parts_dir: Path, config: FeatureConfig, meta_cols: list[str], chunk: list[Item],
+                res: dict[str, Any]) -> None:
+    from pllcli.features.store import FeatureStoreWriter
+    ok = res["ok"]
+    skipped = [Skip(chunk[li].id, chunk[li].path, chunk[li].line, r, d).as_dict() for li, r, d in res["skipped"]]
+    warns = [{"id": chunk[li].id, "path": chunk[li].path, "kind": kd, "detail": d} for li, kd, d in res["warnings"]]
+    attrs = {"chunk": res["chunk"], "chunk_key": _chunk_key(chunk), "skipped": json.dumps(skipped),
+             "warnings": json.dumps(warns), "audio_seconds": res["audio_seconds"]}
+    with FeatureStoreWriter(_part_path(parts_dir, res["chunk"]), config, meta_cols, attrs) as w:
+        w.add_block([chunk[li].id for li in ok], res["features"], res["num_frames"], res["durations"],
+                    [chunk[li].path for li in ok], {c: [chunk[li].meta.get(c, "") for li in ok] for c in meta_cols})
+
+
+def _read_part_info(path: Path) -> dict[str, Any] | None:
+    """attrs of a finished part, or None if unreadable."""
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            a = dict(f.attrs)
+            n = int(f["ids"].shape[0])
+    except Exception:  # noqa: BLE001 - a damaged part is simply redone
+        return None
+    a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items()}
+    a["n"] = n
+    return a
+
+
+def _prepare_parts_dir(parts_dir: Path, config: FeatureConfig, chunk_size: int, meta_cols: list[str],
+                       chunks: list[list[Item]]) -> tuple[set[int], dict[int, dict[str, Any]]]:
+    """Create or validate OUT.parts; return (chunks already done, their part attrs)."""
+    run_file = parts_dir / "run.json"
+    run = {"feature_config_hash": config.hash(), "dtype": config.dtype, "chunk_size": chunk_size,
+           "meta_columns": meta_cols}
+    if parts_dir.exists():
+        try:
+            old = json.loads(run_file.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != run:
+            log.warning("%s: left by a run with other settings; starting afresh", parts_dir)
+            shutil.rmtree(parts_dir)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    if not run_file.exists():
+        from pllcli.io import write_json
+        write_json(run, run_file)
+    for stray in parts_dir.glob(".part-*"):  # tmp files of a killed run
+        stray.unlink(missing_ok=True)
+    done, info = set(), {}
+    for p in sorted(parts_dir.glob("part-*.h5")):
+        try:
+            k = int(p.stem.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        a = _read_part_info(p)
+        if a is None or k >= len(chunks) or a.get("chunk_key") != _chunk_key(chunks[k]) \
+                or a.get("feature_config_hash") != config.hash():
+            p.unlink(missing_ok=True)
+            continue
+        done.add(k)
+        info[k] = a
+    return done, info
+
+
+def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int = 1,
+              shard: tuple[int, int] = (0, 1), chunk_size: int = DEFAULT_CHUNK, strict: bool = False,
+              overwrite: bool = False, extensions: Sequence[str] = AUDIO_EXTENSIONS,
+              progress: bool = True, on_chunk: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Featurize `src` (manifest, '-' or directory) into the store `out`; returns the summary dict."""
+    from pllcli.features.store import merge_feature_stores
+    from pllcli.io import provenance
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists; pass --overwrite to replace it")
+    if jobs < 1:
+        raise UsageError("--jobs must be >= 1")
+    if chunk_size < 1:
+        raise UsageError("--chunk-size must be >= 1")
+    all_items, meta_cols, kind = resolve_inputs(src, extensions)
+    # duplicates are judged over the whole input, so that shards agree with a single run
+    flags = duplicate_flags(all_items)
+    sl = shard_slice(len(all_items), shard)
+    items = [it for it, d in zip(all_items[sl], flags[sl]) if d is None]
+    dups = [d for d in flags[sl] if d is not None]
+    if strict and dups:
+        d = dups[0]
+        raise StrictModeError(f"{src}:{d.line}: duplicate id {d.id!r} ({d.detail}) and --strict is set")
+
+    chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
+    parts_dir = out.with_name(out.name + ".parts")
+    done, info = _prepare_parts_dir(parts_dir, config, chunk_size, meta_cols, chunks)
+    todo = [k for k in range(len(chunks)) if k not in done]
+    summary_skips = [d.as_dict() for d in dups]
+    warnings: list[dict] = []
+    audio_run = 0.0
+    for k in sorted(done):
+        summary_skips += json.loads(info[k].get("skipped", "[]"))
+        warnings += json.loads(info[k].get("warnings", "[]"))
+    files_resumed = sum(len(chunks[k]) for k in done)
+    if done:
+        log.info("resuming: %d of %d chunks already done in %s", len(done), len(chunks), parts_dir)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(items), initial=files_resumed, unit="file", file=sys.stderr,
+                   dynamic_ncols=True, desc="featurize", mininterval=0.5,
+                   disable=None)  # None: no bar when stderr is not a terminal
+    cfgd = config.to_dict()
+    tasks = ((k, [(it.id, it.path) for it in chunks[k]], cfgd) for k in todo)
+    kill_after = int(os.environ.get(_DIE_AFTER, "0") or 0)
+    written = 0
+
+    def handle(res):
+        nonlocal audio_run, written
+        k = res["chunk"]
+        chunk = chunks[k]
+        if strict and res["skipped"]:
+            li, r, d = res["skipped"][0]
+            it = chunk[li]
+            where = f"{src}:{it.line}" if it.line else it.path
+            raise StrictModeError(f"{where}: {it.id}: {r} ({d}) and --strict is set")
+        _write_part(parts_dir, config, meta_cols, chunk, res)
+        for li, r, d in res["skipped"]:
+            summary_skips.append(Skip(chunk[li].id, chunk[li].path, chunk[li].line, r, d).as_dict())
+        for li, kd, d in res["warnings"]:
+            warnings.append({"id": chunk[li].id, "path": chunk[li].path, "kind": kd, "detail": d})
+            log.warning("%s: %s (%s)", chunk[li].path, d, chunk[li].id)
+        audio_run += res["audio_seconds"]
+        written += 1
+        if bar is not None:
+            bar.update(len(chunk))
+            el = time.perf_counter() - t0
+            bar.set_postfix_str(f"{audio_run / max(el, 1e-9):.0f}x RT", refresh=False)
+        if on_chunk is not None:
+            on_chunk(k)
+        if kill_after and written >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    try:
+        if jobs == 1 or len(todo) <= 1:
+            import torch
+            prev = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                for task in tasks:
+                    handle(process_chunk(task))
+            finally:
+                torch.set_num_threads(prev)
+        else:
+            import multiprocessing as mp
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ctx.Pool(min(jobs, len(todo)), initializer=_init_worker) as pool:
+                for res in pool.imap_unordered(process_chunk, tasks):
+                    handle(res)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # assemble: parts in chunk order -> tmp -> OUT
+    part_files = [_part_path(parts_dir, k) for k in range(len(chunks))]
+    attrs = {"provenance": provenance(inputs={"input": src if kind == "manifest" else None},
+                                      params={"jobs": jobs, "chunk_size": chunk_size, "input_kind": kind})}
+    if shard[1] > 1:
+        attrs["shard"] = f"{shard[0]}/{shard[1]}"
+    if part_files:
+        merge_feature_stores(out, part_files, attrs=attrs, order_by_shard=False)
+    else:
+        from pllcli.features.store import write_feature_store
+        write_feature_store(out, config, [], meta_cols, attrs=attrs)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+
+    wall = time.perf_counter() - t0
+    from pllcli.features.store import FeatureStore
+    with FeatureStore(out) as fs:
+        n_done, audio_total, frames = len(fs), fs.total_duration(), int(fs.offsets[-1])
+    by_reason: dict[str, int] = {}
+    for s in summary_skips:
+        by_reason[s["reason"]] = by_reason.get(s["reason"], 0) + 1
+    return {
+        "output": str(out), "input": src, "input_kind": kind,
+        "shard": f"{shard[0]}/{shard[1]}", "jobs": jobs, "chunk_size": chunk_size,
+        "files_listed": len(items) + len(dups), "files_done": n_done, "files_skipped": len(summary_skips),
+        "skipped_by_reason": by_reason, "skipped": summary_skips,
+        "warnings": warnings, "chunks_resumed": len(done), "files_resumed": files_resumed,
+        "audio_seconds": round(audio_total, 3), "audio_seconds_this_run": round(audio_run, 3),
+        "frames": frames, "wall_seconds": round(wall, 3),
+        "x_real_time": round(audio_run / wall, 1) if wall > 0 else None,
+        "feature_config": config.to_dict(), "feature_config_hash": config.hash(),
+        "reasons": {k: SKIP_REASONS[k] for k in by_reason if k in SKIP_REASONS},
+    }

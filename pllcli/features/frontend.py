@@ -1,0 +1,100 @@
+"""Torch frontends: waveform (B, S) -> features (B, T, F).
+
+Both modules split into `power(waveform) -> (B, T, n_freq)` and `mel(power) -> (B, T, F)`;
+featurize applies `mel` per clip on the clip's own frames so that a clip's numbers do not
+depend on which clips share its batch (GEMM kernels vary with the matrix size).
+Both modules hold their window and filterbank as buffers, so a saved or exported module
+needs no torchaudio at run time. Framing is snip-edges (see `pllcli.features.config`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pllcli.features.config import FeatureConfig
+
+
+class LogMel(nn.Module):
+    """Power mel spectrogram + log, as torchaudio.transforms.MelSpectrogram(center=False).
+
+    forward(waveform (B, S)) -> (B, T, n_mels) with T = config.num_frames(S).
+    """
+
+    def __init__(self, config: FeatureConfig):
+        super().__init__()
+        import torchaudio.functional as AF
+        c = config
+        self.n_fft, self.hop = c.n_fft, c.hop_length
+        self.log_offset = float(c.log_offset)
+        win = torch.hann_window(c.win_length, periodic=True, dtype=torch.float32)
+        left = (c.n_fft - c.win_length) // 2
+        window = torch.zeros(c.n_fft)
+        window[left:left + c.win_length] = win
+        self.register_buffer("window", window, persistent=False)
+        fb = AF.melscale_fbanks(c.n_fft // 2 + 1, float(c.fmin), float(c.fmax_hz), c.n_mels,
+                                c.sample_rate, norm=None, mel_scale="htk")
+        self.register_buffer("fb", fb.to(torch.float32), persistent=False)  # (n_freq, n_mels)
+
+    def power(self, waveform: torch.Tensor) -> torch.Tensor:
+        """(B, S) -> power spectrum (B, T, n_freq)."""
+        x = waveform.to(torch.float32)
+        if x.shape[-1] < self.n_fft:
+            x = nn.functional.pad(x, (0, self.n_fft - x.shape[-1]))
+        spec = torch.stft(x, self.n_fft, self.hop, self.n_fft, self.window, center=False,
+                          return_complex=True)  # (B, n_freq, T)
+        return (spec.real.square() + spec.imag.square()).transpose(1, 2)
+
+    def mel(self, power: torch.Tensor) -> torch.Tensor:
+        """(B, T, n_freq) -> (B, T, n_mels)."""
+        return torch.log(torch.matmul(power.contiguous(), self.fb) + self.log_offset)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        return self.mel(self.power(waveform))
+
+
+class KaldiFbank(nn.Module):
+    """Kaldi fbank as torchaudio.compliance.kaldi.fbank(dither=0, window_type="povey",
+    preemphasis 0.97, remove_dc_offset, snip_edges, use_power, use_log_fbank), batched.
+
+    forward(waveform (B, S)) -> (B, T, n_mels); log floor = config.log_offset.
+    """
+
+    preemph = 0.97
+
+    def __init__(self, config: FeatureConfig):
+        super().__init__()
+        from torchaudio.compliance.kaldi import get_mel_banks
+        c = config
+        self.win, self.hop, self.n_fft = c.win_length, c.hop_length, c.n_fft
+        self.floor = float(c.log_offset)
+        window = torch.hann_window(c.win_length, periodic=False, dtype=torch.float32).pow(0.85)
+        self.register_buffer("window", window, persistent=False)
+        banks, _ = get_mel_banks(c.n_mels, c.n_fft, float(c.sample_rate), float(c.fmin), float(c.fmax),
+                                 100.0, -500.0, 1.0)
+        banks = nn.functional.pad(banks.to(torch.float32), (0, 1))  # (n_mels, n_fft//2 + 1)
+        self.register_buffer("fb", banks.T.contiguous(), persistent=False)  # (n_freq, n_mels)
+
+    def power(self, waveform: torch.Tensor) -> torch.Tensor:
+        """(B, S) -> power spectrum (B, T, n_fft//2 + 1)."""
+        x = waveform.to(torch.float32)
+        if x.shape[-1] < self.win:
+            x = nn.functional.pad(x, (0, self.win - x.shape[-1]))
+        frames = x.unfold(-1, self.win, self.hop)  # (B, T, win)
+        frames = frames - frames.mean(dim=-1, keepdim=True)
+        prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
+        frames = (frames - self.preemph * prev) * self.window
+        spec = torch.fft.rfft(frames, n=self.n_fft)  # zero-pads to n_fft
+        return spec.real.square() + spec.imag.square()
+
+    def mel(self, power: torch.Tensor) -> torch.Tensor:
+        """(B, T, n_freq) -> (B, T, n_mels)."""
+        return torch.clamp(torch.matmul(power.contiguous(), self.fb), min=self.floor).log()
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        return self.mel(self.power(waveform))
+
+
+def build_frontend(config: FeatureConfig) -> nn.Module:
+    """The frontend module for `config` (eval mode)."""
+    mod = LogMel(config) if config.frontend == "logmel" else KaldiFbank(config)
+    return mod.eval()

@@ -1,0 +1,144 @@
+"""Inference: model outputs for a feature store, top-k tables, restriction to candidate sets.
+
+    infer(model, feats: InMemoryFeatures, rows, device) -> logits (N, C) np.float32
+    predict(ckpt, features, out, top_k=1, restrict_labels=None) -> summary dict
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pllcli.errors import InputError, UsageError
+
+
+def infer(model, feats, rows=None, device="cpu", batch_size: int = 64, max_frames: int | None = None,
+          amp: bool = False, outputs=("logits",)) -> dict[str, np.ndarray]:
+    """Run `model` (eval) on store rows (sorted by length for little padding; full length unless
+    `max_frames`); returns {name: (N, ...) np.float32} in the order of `rows`."""
+    import torch
+    rows = np.arange(len(feats.num_frames)) if rows is None else np.asarray(rows, np.int64)
+    order = np.argsort(feats.num_frames[rows], kind="stable")
+    pad = getattr(getattr(getattr(model, "encoder", None), "norm", None), "mean", None)
+    pad = pad.detach().to(feats.device) if pad is not None else None
+    res: dict[str, list] = {k: [] for k in outputs}
+    was = model.training
+    model.eval()
+    dev = torch.device(device)
+    with torch.no_grad():
+        for s in range(0, len(rows), batch_size):
+            b = rows[order[s:s + batch_size]]
+            x, lens = feats.gather(b, max_frames, None, pad)
+            x, lens = x.to(dev, non_blocking=True), lens.to(dev)
+            with torch.autocast(dev.type, enabled=amp and dev.type == "cuda"):
+                out = model(x, lens)
+            for k in outputs:
+                res[k].append(out[k].float().cpu().numpy())
+    model.train(was)
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(order))
+    return {k: (np.concatenate(v)[inv] if v else np.zeros((0,), np.float32)) for k, v in res.items()}
+
+
+def probabilities(logits: np.ndarray, task: str = "single") -> np.ndarray:
+    if task == "multi":
+        return 1.0 / (1.0 + np.exp(-logits))
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def restrict_to_candidates(probs: np.ndarray, cand: np.ndarray, renormalize: bool = True) -> np.ndarray:
+    """Zero probabilities outside each row's candidate set (rows with an empty set are kept);
+    renormalise to sum 1 inside the set (single-label)."""
+    has = (cand > 0).any(1)
+    out = np.where((cand > 0) | ~has[:, None], probs, 0.0)
+    if renormalize:
+        out = out / np.clip(out.sum(1, keepdims=True), 1e-12, None)
+    return out
+
+
+def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices (N, k), probabilities (N, k)) sorted descending."""
+    k = min(k, probs.shape[1])
+    idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(probs, idx, 1)
+
+
+def _open_features(path):
+    from pllcli.features import FeatureStore
+    if not Path(path).exists():
+        raise InputError("no such feature store", str(path))
+    return FeatureStore(path)
+
+
+def predict(checkpoint, features, out="-", top_k_n: int = 1, restrict_labels=None, device="auto",
+            batch_size: int = 64, fmt: str | None = None) -> dict:
+    """Write top-k labels with probabilities for every item of a feature store."""
+    from pllcli.checkpoint import check_feature_config, load_model
+    from pllcli.runtime import resolve_device
+    from pllcli.training.data import InMemoryFeatures
+    if top_k_n < 1:
+        raise UsageError("--top-k must be >= 1")
+    dev = resolve_device(device)
+    model, meta = load_model(checkpoint, device=dev)
+    fs = _open_features(features)
+    check_feature_config(meta, fs.config, f"{features} vs checkpoint {checkpoint}")
+    classes = list(meta.get("classes") or [])
+    task = meta.get("task", "single")
+    feats, offsets = fs.load_all()
+    mem = InMemoryFeatures(feats, offsets, dev)
+    logits = infer(model, mem, None, dev, batch_size, amp=dev.type == "cuda")["logits"]
+    probs = probabilities(logits, task)
+    restricted = 0
+    if restrict_labels is not None:
+        from pllcli.labels.store import align_ids, read_label_store
+        lab = read_label_store(restrict_labels)
+        if list(lab.classes) != classes:
+            raise InputError(f"label store classes differ from the checkpoint's ({len(lab.classes)} vs "
+                             f"{len(classes)} classes)", str(restrict_labels), field="classes")
+        lr = align_ids(fs.ids, lab.ids, what=f"label store {restrict_labels}")
+        cand = lab.candidate_matrix(lr)
+        restricted = int((cand > 0).any(1).sum())
+        probs = restrict_to_candidates(probs, cand, renormalize=task != "multi")
+    idx, p = top_k(probs, top_k_n)
+    write_predictions(out, fs.ids, idx, p, classes, fmt)
+    return {"items": len(fs.ids), "top_k": top_k_n, "restricted": restricted, "out": str(out)}
+
+
+def write_predictions(out, ids, idx, p, classes, fmt=None) -> None:
+    """CSV (id,label,prob[,label_2,prob_2,...]) or JSONL ({"id","labels","probs"}); '-' = stdout CSV."""
+    from pllcli.io import write_text_atomic
+    out = str(out)
+    fmt = fmt or ("jsonl" if out.endswith((".jsonl", ".ndjson")) else "tsv" if out.endswith(".tsv") else "csv")
+    k = idx.shape[1]
+    lines = []
+    if fmt == "jsonl":
+        for i, item in enumerate(ids):
+            lines.append(json.dumps({"id": str(item), "labels": [classes[j] for j in idx[i]],
+                                     "probs": [round(float(v), 6) for v in p[i]]}))
+    else:
+        import csv
+        import io
+        buf = io.StringIO()
+        w = csv.writer(buf, delimiter="\t" if fmt == "tsv" else ",", lineterminator="\n")
+        header = ["id", "label", "prob"] + [f"{c}_{r}" for r in range(2, k + 1) for c in ("label", "prob")]
+        w.writerow(header)
+        for i, item in enumerate(ids):
+            row = [str(item)]
+            for r in range(k):
+                row += [classes[idx[i, r]], f"{p[i, r]:.6f}"]
+            w.writerow(row)
+        lines = [buf.getvalue().rstrip("\n")]
+    text = "\n".join(lines) + "\n"
+    if out == "-":
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # pragma: no cover
+            os._exit(0)
+    else:
+        write_text_atomic(out, text)

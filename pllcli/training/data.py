@@ -1,0 +1,181 @@
+"""In-memory batching: the whole feature store lives in one (sumT, F) tensor, batches are built
+with one vectorised gather (random crops, padding with the feature mean), label tensors come
+from the label store's CSR arrays. No per-item HDF5 reads or Python per-item work in the hot path.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+import torch
+
+
+class InMemoryFeatures:
+    """features (sumT, F) tensor (on `device` if it fits, else CPU, pinned for CUDA), offsets (N+1,)."""
+
+    def __init__(self, feats: np.ndarray, offsets: np.ndarray, device=None, max_device_bytes: int = 4 << 30):
+        feats = np.ascontiguousarray(feats, dtype=np.float32)
+        self.offsets = np.asarray(offsets, np.int64)
+        self.num_frames = np.diff(self.offsets)
+        self.dim = feats.shape[1]
+        t = torch.from_numpy(feats)
+        self.device = torch.device("cpu")
+        if device is not None and torch.device(device).type == "cuda":
+            if t.numel() * 4 <= max_device_bytes:
+                t, self.device = t.to(device), torch.device(device)
+            else:
+                t = t.pin_memory()
+        self.feats = t
+
+    def stats(self, rows=None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-bin mean and std over the frames of `rows` (all rows if None)  -> (F,), (F,)."""
+        if rows is None or len(rows) == len(self.num_frames):
+            f = self.feats
+        else:
+            f = self.feats[torch.as_tensor(_frame_index(self.offsets, np.asarray(rows)))]
+        f = f.double()
+        mean = f.mean(0)
+        std = f.std(0) if f.shape[0] > 1 else torch.ones_like(mean)
+        return mean.float().cpu().numpy(), std.float().cpu().numpy()
+
+    def gather(self, rows: np.ndarray, max_frames: int | None = None, rng: np.random.Generator | None = None,
+               pad_value=None):
+        """(x (B, T, F), lengths (B,)) for `rows`; random crop of `max_frames` when longer (start at
+        0 without rng). Padded frames get `pad_value` (F,) (e.g. the feature mean), default 0."""
+        rows = np.asarray(rows, np.int64)
+        L = self.num_frames[rows]
+        lens = L if max_frames is None else np.minimum(L, max_frames)
+        lens = np.maximum(lens, 1)
+        if rng is not None and max_frames is not None:
+            start = (rng.random(len(rows)) * (L - lens + 1)).astype(np.int64)
+        else:
+            start = np.zeros(len(rows), np.int64)
+        T = int(lens.max()) if len(rows) else 1
+        pos = np.arange(T)[None, :]
+        idx = self.offsets[rows][:, None] + start[:, None] + np.minimum(pos, lens[:, None] - 1)
+        idx = np.minimum(idx, self.offsets[rows + 1][:, None] - 1).clip(min=0)
+        x = self.feats[torch.from_numpy(idx).to(self.device)]
+        valid = torch.from_numpy(pos < lens[:, None]).to(self.device)
+        fill = torch.zeros(self.dim, device=self.device) if pad_value is None else \
+            torch.as_tensor(pad_value, dtype=x.dtype, device=self.device)
+        x = torch.where(valid[..., None], x, fill)
+        return x, torch.from_numpy(lens)
+
+
+def _frame_index(offsets, rows):
+    starts, ends = offsets[rows], offsets[rows + 1]
+    lens = ends - starts
+    return np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
+
+
+class LabelTensors:
+    """Label arrays for feature-store rows (via `label_rows`), producing batch dicts."""
+
+    def __init__(self, labels, label_rows: np.ndarray):
+        self.labels = labels
+        self.label_rows = np.asarray(label_rows, np.int64)
+        self.C = labels.num_classes
+
+    def batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        lr = self.label_rows[rows]
+        lab = self.labels
+        cand = lab.candidate_matrix(lr)
+        clean = lab.clean[lr].astype(np.int64)
+        has_c = np.diff(lab.candidates_indptr)[lr] > 0
+        ci = clean >= 0
+        if ci.any():  # clean items: their candidate row is the one-hot of the clean label
+            cand[ci] = 0.0
+            cand[np.flatnonzero(ci), clean[ci]] = 1.0
+            has_c = has_c | ci
+        return {
+            "index": torch.from_numpy(np.asarray(rows, np.int64)),
+            "candidates": torch.from_numpy(cand),
+            "has_candidates": torch.from_numpy(has_c),
+            "clean": torch.from_numpy(clean),
+            "tags": torch.from_numpy(lab.tag_matrix(lr)),
+            "has_tags": torch.from_numpy(lab.has_tags[lr].astype(bool)),
+            "soft": torch.from_numpy(lab.soft_matrix(lr)),
+            "has_soft": torch.from_numpy(lab.has_soft[lr].astype(bool)),
+            "unlabeled": torch.from_numpy(lab.unlabeled[lr].astype(bool)),
+        }
+
+
+def epoch_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                  rank: int = 0, world: int = 1, bucket: int = 32, drop_last: bool = False) -> list[np.ndarray]:
+    """Shuffled batches of `rows` for one epoch, identical on every rank before slicing.
+
+    Items are shuffled, grouped in chunks of `bucket` batches, sorted by length inside a chunk
+    (less padding), cut into batches, and the batches shuffled. With world > 1 each rank gets
+    batches[rank::world], truncated so that all ranks run the same number of steps."""
+    rng = np.random.default_rng([seed, epoch, 7])
+    perm = np.asarray(rows)[rng.permutation(len(rows))]
+    out = []
+    chunk = batch_size * bucket
+    for s in range(0, len(perm), chunk):
+        c = perm[s:s + chunk]
+        c = c[np.argsort(lengths[c], kind="stable")]
+        out += [c[i:i + batch_size] for i in range(0, len(c), batch_size)]
+    if drop_last and len(out) > 1 and len(out[-1]) < batch_size:
+        # keep the ragged tail but not a tiny one
+        pass
+    order = rng.permutation(len(out))
+    out = [out[i] for i in order]
+    if world > 1:
+        n = len(out) // world
+        if n == 0:
+            out = out * world
+            n = 1
+        out = out[rank::world][:n]
+    return out
+
+
+class Prefetcher:
+    """Build batches in a background thread (queue of `depth`); `wait` accumulates the time the
+    consumer spent blocked on the queue (the data-wait figure)."""
+
+    def __init__(self, make, items, depth: int = 2, thread: bool = True):
+        self.make, self.items, self.depth, self.thread = make, list(items), depth, thread
+        self.wait = 0.0
+
+    def __iter__(self):
+        if not self.thread:
+            for it in self.items:
+                t = time.perf_counter()
+                b = self.make(it)
+                self.wait += time.perf_counter() - t
+                yield b
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def work():
+            try:
+                for it in self.items:
+                    if stop.is_set():
+                        return
+                    q.put(("ok", self.make(it)))
+                q.put(("end", None))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+                q.put(("err", e))
+
+        th = threading.Thread(target=work, daemon=True)
+        th.start()
+        try:
+            while True:
+                t = time.perf_counter()
+                kind, val = q.get()
+                self.wait += time.perf_counter() - t
+                if kind == "end":
+                    return
+                if kind == "err":
+                    raise val
+                yield val
+        finally:
+            stop.set()
+            while th.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    th.join(timeout=0.05)

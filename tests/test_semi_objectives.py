@@ -1,0 +1,151 @@
+"""The semi-supervised objectives of pllcli.training.semi on a tiny model and hand-made batches."""
+import copy
+import math
+
+import pytest
+import torch
+
+from pllcli.errors import UsageError
+from pllcli.training import semi as S
+from pllcli.training.objectives import StepContext, build_objective, list_objectives
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self, f=4, c=3):
+        super().__init__()
+        self.lin = torch.nn.Linear(f, c)
+
+    def forward(self, x, lengths=None):
+        return {"logits": self.lin(x).mean(1), "embedding": x.mean(1)}
+
+
+def _batch(b=6, t=5, f=4, c=3):
+    torch.manual_seed(0)
+    x = torch.randn(b, t, f)
+    clean = torch.tensor([0, -1, -1, -1, -1, -1])[:b]
+    cand = torch.zeros(b, c)
+    cand[0, 0] = 1
+    cand[1, :2] = 1
+    has_c = torch.tensor([True, True] + [False] * (b - 2))
+    return {"x": x, "x_raw": x, "lengths": torch.full((b,), t), "index": torch.arange(b), "clean": clean,
+            "candidates": cand, "has_candidates": has_c, "tags": torch.zeros(b, c),
+            "has_tags": torch.zeros(b, dtype=torch.bool), "soft": torch.zeros(b, c),
+            "has_soft": torch.zeros(b, dtype=torch.bool), "unlabeled": ~has_c}
+
+
+def _ctx(model, batch, teacher=None, augment=None, task="single"):
+    def fwd(x, lengths, model=None):
+        return (model or model_)(x, lengths)
+    model_ = model
+    out = model(batch["x"], batch["lengths"])
+    return StepContext(model, batch, out, epoch=0, step=0, progress=0.0, epochs=1, num_classes=3, task=task,
+                       device="cpu", forward=fwd, augment=augment or (lambda x, ln: x + 0.1 * torch.randn_like(x)),
+                       teacher=teacher)
+
+
+def test_registered_and_buildable():
+    names = list_objectives()
+    for n in S.SEMI_OBJECTIVES:
+        assert n in names
+    o = build_objective("mixmatch:k=3,t=0.4,lambda_u=10")
+    assert (o.k, o.t, o.lambda_u) == (3, 0.4, 10.0)
+    with pytest.raises(UsageError):
+        build_objective("fixmatch:threshold=1.5")
+    with pytest.raises(UsageError):
+        build_objective("vat:on=everything")
+
+
+def test_curriculum_weights():
+    sup, uns = (build_objective(s) for s in S.curriculum_specs("fixmatch:threshold=0.9", epochs=20))
+    assert uns.threshold == 0.9
+    assert uns.weight(0.0) == pytest.approx(10.0)
+    assert uns.weight(5.0) == pytest.approx(10.0)      # decay starts at E/4
+    assert uns.weight(10.0) == pytest.approx(5.5)      # halfway through the decay
+    assert uns.weight(20.0) == pytest.approx(1.0)
+    assert sup.weight(0.0) == pytest.approx(math.exp(-5))
+    assert sup.weight(10.0) == pytest.approx(1.0)
+    assert sup.weight(0.0) < 0.01 < uns.weight(0.0)
+
+
+def test_semi_objective_specs():
+    assert S.semi_objective_specs(fixmatch=2, alpha=0.5) == ["fixmatch:weight=2,schedule=sigmoid,start=0,end=5",
+                                                            "distill:alpha=0.5"]
+    with pytest.raises(UsageError):
+        S.semi_objective_specs(alpha=2)
+
+
+def test_label_targets():
+    b = _batch()
+    tgt, has = S.label_targets(b)
+    assert has.tolist() == [True, True, False, False, False, False]
+    assert tgt[0].tolist() == [1.0, 0.0, 0.0]
+    assert tgt[1].tolist() == [0.5, 0.5, 0.0]
+
+
+def test_mean_teacher_zero_for_identical_teacher_without_augmentation():
+    m = Tiny()
+    b = _batch()
+    o = build_objective("mean-teacher")
+    o.setup(type("S", (), {"num_items": 6, "num_classes": 3, "device": "cpu"})())
+    assert o.needs_teacher
+    assert o.loss(_ctx(m, b, teacher=copy.deepcopy(m))).item() == pytest.approx(0.0, abs=1e-7)
+    b2 = dict(b, x=b["x"] + 1.0)
+    assert o.loss(_ctx(m, b2, teacher=copy.deepcopy(m))).item() > 1e-4
+
+
+@pytest.mark.parametrize("spec", ["vat:eps=0.3", "mixup", "mixmatch:k=2", "fixmatch:threshold=0.3",
+                                  "mean-teacher:on=all,kind=kl"])
+def test_objectives_give_finite_loss_with_gradient(spec):
+    m = Tiny()
+    o = build_objective(spec)
+    loss = o.loss(_ctx(m, _batch(), teacher=copy.deepcopy(m)))
+    assert loss is not None and torch.isfinite(loss)
+    loss.backward()
+    assert m.lin.weight.grad is not None and m.lin.weight.grad.abs().sum() > 0
+
+
+def test_fixmatch_restricts_to_candidates_and_thresholds():
+    m = Tiny()
+    with torch.no_grad():
+        m.lin.weight.zero_()
+        m.lin.bias.copy_(torch.tensor([0.0, 0.0, 9.0]))  # everything confidently class 2
+    b = _batch()
+    o = build_objective("fixmatch:threshold=0.9,on=all")
+    ctx = _ctx(m, b)
+    strong = m(b["x"])["logits"]
+    loss = o.loss(ctx)
+    # items 2..5 (no candidates): pseudo-label 2 kept; item 0: candidate {0} -> label 0, conf 1;
+    # item 1: candidates {0, 1} -> conf .5 < .9 dropped
+    ce2 = torch.nn.functional.cross_entropy(strong[:1], torch.tensor([2])).item()
+    ce0 = torch.nn.functional.cross_entropy(strong[:1], torch.tensor([0])).item()
+    assert loss.item() == pytest.approx((4 * ce2 + ce0) / 6, rel=1e-4)
+
+
+def test_distill_alpha_mixes_soft_and_original():
+    m = Tiny()
+    with torch.no_grad():
+        m.lin.weight.zero_()
+        m.lin.bias.zero_()
+    b = _batch()
+    b["has_soft"] = torch.tensor([True, False, True, False, False, False])
+    b["soft"][0] = torch.tensor([0.0, 1.0, 0.0])
+    b["soft"][2] = torch.tensor([0.0, 0.0, 1.0])
+    o = build_objective("distill:alpha=0.5")
+    # uniform predictions: CE = log 3 whatever the target distribution
+    assert o.loss(_ctx(m, b)).item() == pytest.approx(math.log(3))
+    with torch.no_grad():
+        m.lin.bias.copy_(torch.tensor([1.0, 1.0, 0.0]))
+    ls = torch.log_softmax(torch.tensor([1.0, 1.0, 0.0]), 0)
+    item0 = -(0.5 * ls[0] + 0.5 * ls[1])   # .5 * soft [0,1,0] + .5 * clean one-hot [1,0,0]
+    item2 = -ls[2]                          # no original label: soft only
+    assert o.loss(_ctx(m, b)).item() == pytest.approx(((item0 + item2) / 2).item(), rel=1e-5)
+
+
+def test_multilabel_mixmatch_uses_tags():
+    m = Tiny()
+    b = _batch()
+    b["has_tags"][:2] = True
+    b["tags"][0] = torch.tensor([1.0, 0.0, 1.0])
+    o = build_objective("mixmatch")
+    loss = o.loss(_ctx(m, b, task="multi"))
+    assert torch.isfinite(loss) and set(o.metrics()) == {"mixmatch_lx", "mixmatch_lu"}
