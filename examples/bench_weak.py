@@ -9,6 +9,7 @@ and strong.tsv. Runs (same network, epochs and seed everywhere):
   A  separate, WHEN = MMM + HnH, WHO = BCE (this WHO is also the weak-label student)
   B  WHEN pooling: max / noisy-or / attention (+ HnH)     (WHEN only; events use A's WHO)
   C  WHEN MMM without HnH                                  (WHEN only)
+     WHO with hinge loss (MultiLabelMarginLoss) / class-balanced sampling (WHO only; events use A's WHEN)
   D  joint (0.5 / 5.0, plain batches) and tied (alternating epochs, own samplers)
   E  pseudo-strong-label student: A's WHO relabels 1 s segments of the training clips with
      soft labels (PSL), a fresh WHO is trained on the segments and scored on whole clips.
@@ -19,7 +20,6 @@ offset collar max(200 ms, 50 % of length)) of the WHEN x WHO transcription.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -100,10 +100,12 @@ def main(argv=None):
     ap.add_argument("data", type=Path)
     ap.add_argument("--out", type=Path, default=Path("/work/runs/weak"))
     ap.add_argument("--json", default=None)
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mel-pool", type=int, default=2, help="average adjacent mel bands (40 -> 20) to save time")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--when-epochs", type=int, default=None, help="epochs of the WHEN-only runs (default --epochs)")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N train/test clips (smoke test)")
@@ -113,6 +115,11 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     t_all = time.perf_counter()
     D = load(a.data, a.out)
+    if a.mel_pool > 1:
+        for k in ("Xtr", "Xte"):
+            X = D[k]
+            F_ = X.shape[2] // a.mel_pool * a.mel_pool
+            D[k] = X[:, :, :F_].reshape(X.shape[0], X.shape[1], -1, a.mel_pool).mean(-1).contiguous()
     if a.limit:
         for k in ("Xtr", "Ltr", "Ytr", "Xte", "Lte", "Yte", "te_ids"):
             D[k] = D[k][:a.limit]
@@ -138,11 +145,13 @@ def main(argv=None):
         if "when" in cfg.tasks or cfg.mode == "joint":
             res.update(when_metrics(D, pred, hop_out))
         results[name] = res
+        if a.json:  # partial results survive an interrupted run
+            write_json({"partial": True, "results": results}, a.json)
         log.info("%s: %s", name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
                                    if k != "final"})
         return pred
 
-    base = dict(epochs=a.epochs, batch_size=a.batch_size, seed=a.seed)
+    base = dict(epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, lr=a.lr)
     wbase = dict(base, epochs=a.when_epochs or a.epochs)
     teacher = net(False)
     pA = run("separate_mmm_hnh", teacher, WeakConfig(mode="separate", **base))
@@ -170,7 +179,12 @@ def main(argv=None):
         if p is not None:
             results["psl_student"]["segments"] = int(len(Xs))
             results["psl_student"].update(event_metrics(D, pA["when"], p["who"], pA["frame_lengths"], hop_out))
-    out = {"data": str(a.data), "epochs": a.epochs, "when_only_epochs": wbase["epochs"], "limit": a.limit, "batch_size": a.batch_size, "width": a.width,
+    for name, kw in (("who_hinge", dict(who_loss="hinge")), ("who_balanced", dict(who_sampler="balanced"))):
+        p = run(name, net(False), WeakConfig(mode="separate", tasks=("who",), when_hnh=False, **kw, **base))
+        if p is not None and pA is not None:
+            results[name].update(event_metrics(D, pA["when"], p["who"], pA["frame_lengths"], hop_out))
+    out = {"data": str(a.data), "epochs": a.epochs, "lr": a.lr, "when_only_epochs": wbase["epochs"],
+           "limit": a.limit, "mel_pool": a.mel_pool, "batch_size": a.batch_size, "width": a.width,
            "seed": a.seed, "frame_hop_s": hop_out, "train_clips": int(len(D["Xtr"])),
            "test_clips": int(len(D["Xte"])), "results": results,
            "wall_seconds": round(time.perf_counter() - t_all, 1)}

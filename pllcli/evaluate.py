@@ -6,8 +6,10 @@ Scores
       sigmoid (multi-label) of the logits; frame-level models also give frame probabilities.
     - predictions file (CSV, TSV or JSONL), one of two layouts:
         wide: `id` plus one column per class holding that class's probability;
-        long (top-k): `id,label,prob` (or `score`), one row per (item, class); classes an item
-        lacks get probability 0; an optional `rank` column is ignored.
+        long (top-k): `id,label,prob` (or `score`), one or more rows per item, optionally with
+        further pairs `label_2,prob_2,...` (the CSV of `pllcli predict --top-k K`), or JSONL
+        `{"id", "labels": [...], "probs": [...]}` (its JSONL); classes an item lacks get
+        probability 0; an optional `rank` column is ignored.
 
 Ground truth
     - a label store (.h5): clean labels (single-label task), tags (multi-label task), strong
@@ -18,6 +20,8 @@ Ground truth
     - a strong-event table `id,onset,offset,label` (seconds): clip tags are the event labels;
       every listed id must be scored. Frame / segment / event metrics need frame outputs (a
       frame-level checkpoint) or estimated events (`estimated_events`, same layout).
+    - `candidates`: a label store whose candidate sets are scored against the truth (PLL
+      coverage and disambiguation accuracy), when the truth itself is a table.
 
 Class universe: the checkpoint's classes, the predictions file's class columns, or (long
 layout) the union of predicted labels, the truth's classes and the label store's classes.
@@ -28,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,24 +71,10 @@ def read_predictions(path, classes_hint=None) -> Scores:
     t = Table(path, required=["id"])
     cols = t.columns
     prob_col = next((c for c in _PROB_COLUMNS if c in cols), None)
-    long = "label" in cols and prob_col is not None
+    long = ("label" in cols and prob_col is not None) or (t.format == "jsonl" and "labels" in cols
+                                                           and "probs" in cols)
     if long:
-        extra = [c for c in cols if c not in ("id", "label", prob_col) + _IGNORED_COLUMNS]
-        if extra:
-            raise InputError(f"unexpected column {extra[0]!r} in a long (id,label,{prob_col}) predictions file",
-                             t.name, line=1, field=extra[0])
-        rows: dict[str, dict[str, float]] = {}
-        labels_seen: dict[str, None] = {}
-        for ln, row in t:
-            item, label = row["id"], row["label"]
-            if not item or not label:
-                raise InputError("empty id or label", t.name, line=ln, field="id" if not item else "label")
-            v = _float(row[prob_col], t.name, ln, prob_col)
-            d = rows.setdefault(item, {})
-            if label in d:
-                raise InputError(f"duplicate prediction for ({item!r}, {label!r})", t.name, line=ln)
-            d[label] = v
-            labels_seen.setdefault(label, None)
+        rows, labels_seen = _read_long(t, prob_col)
         classes = list(classes_hint) if classes_hint is not None else sorted(labels_seen)
         unknown = [c for c in labels_seen if c not in classes]
         if unknown:
@@ -127,6 +116,59 @@ def read_predictions(path, classes_hint=None) -> Scores:
                   is_probability=is_prob)
 
 
+def _read_long(t, prob_col):
+    """{id: {label: prob}} from rows `id,label,prob[,label_2,prob_2,...]` (the layout of
+    `pllcli predict`, one or more rows per id) or JSONL `{"id", "labels": [...], "probs": [...]}`."""
+    rows: dict[str, dict[str, float]] = {}
+    labels_seen: dict[str, None] = {}
+
+    def put(item, label, v, ln):
+        d = rows.setdefault(item, {})
+        if label in d:
+            raise InputError(f"duplicate prediction for ({item!r}, {label!r})", t.name, line=ln)
+        d[label] = v
+        labels_seen.setdefault(label, None)
+
+    if prob_col is None:  # JSONL lists
+        for ln, line in enumerate(t._lines, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                item, labels, probs = str(obj["id"]), obj["labels"], obj["probs"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise InputError(f"need an object with id, labels, probs ({type(e).__name__})",
+                                 t.name, line=ln) from None
+            if not isinstance(labels, list) or not isinstance(probs, list) or len(labels) != len(probs):
+                raise InputError("labels and probs must be lists of equal length", t.name, line=ln,
+                                 field="probs")
+            for label, v in zip(labels, probs):
+                put(item, str(label), _float(str(v), t.name, ln, "probs"), ln)
+        return rows, labels_seen
+    pairs = [("label", prob_col)]
+    k = 2
+    while f"label_{k}" in t.columns and f"{prob_col}_{k}" in t.columns:
+        pairs.append((f"label_{k}", f"{prob_col}_{k}"))
+        k += 1
+    allowed = {"id", *(c for pr in pairs for c in pr), *_IGNORED_COLUMNS}
+    extra = [c for c in t.columns if c not in allowed]
+    if extra:
+        raise InputError(f"unexpected column {extra[0]!r} in a top-k (id,label,{prob_col}) predictions file",
+                         t.name, line=1, field=extra[0])
+    for ln, row in t:
+        item = row["id"]
+        if not item:
+            raise InputError("empty id", t.name, line=ln, field="id")
+        for lc, pc in pairs:
+            label = row[lc]
+            if not label:
+                if lc == "label":
+                    raise InputError("empty label", t.name, line=ln, field="label")
+                continue
+            put(item, label, _float(row[pc], t.name, ln, pc), ln)
+    return rows, labels_seen
+
+
 def _float(s, name, ln, col) -> float:
     try:
         v = float(s)
@@ -164,13 +206,18 @@ def score_checkpoint(checkpoint, features, *, batch_size: int = 32, device: str 
     hop_in = fs.config.hop_length / fs.config.sample_rate
     probs = np.zeros((len(ids), len(classes)))
     frame_probs, frame_hop = {}, {}
-    order = np.argsort(np.asarray(fs.num_frames))  # similar lengths together: less padding
+    order = np.argsort(np.asarray(fs.num_frames), kind="stable")  # similar lengths: less padding
+    # pad with the input-normalisation mean (as training and `pllcli predict` do)
+    pad = getattr(getattr(getattr(model, "encoder", None), "norm", None), "mean", None)
+    pad = pad.detach().cpu().float() if pad is not None else None
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             feats = [np.asarray(fs[int(i)], dtype=np.float32) for i in rows]
             lens = torch.tensor([f.shape[0] for f in feats])
             x = torch.zeros(len(feats), int(lens.max()), feats[0].shape[1])
+            if pad is not None:
+                x[:] = pad
             for j, f in enumerate(feats):
                 x[j, :f.shape[0]] = torch.from_numpy(f)
             out = model(x.to(dev), lens.to(dev))
@@ -349,6 +396,7 @@ def _align(truth: Truth, scores: Scores) -> list:
 
 
 def evaluate(truth_path, *, checkpoint=None, features=None, predictions=None, estimated_events=None,
+             candidates=None,
              batch_size: int = 32, device: str = "cpu", threshold: float = 0.5, top_k=(2, 3, 5),
              n_bins: int = 15, t_collar: float = 0.2, percentage_of_length: float = 0.5,
              segment_resolution: float = 1.0, median: int = 1) -> Result:
@@ -360,6 +408,11 @@ def evaluate(truth_path, *, checkpoint=None, features=None, predictions=None, es
     if predictions is None and (checkpoint is None or features is None):
         raise UsageError("need a checkpoint and a feature store (or --predictions FILE)")
     truth = read_truth(truth_path)
+    if candidates is not None:
+        cs = _truth_from_store(str(candidates))
+        if cs.candidates is None:
+            raise InputError("label store has no candidate sets", str(candidates), field="candidates")
+        truth.candidates = cs.candidates
     if predictions is not None:
         hint = None
         if truth.classes is not None:
@@ -483,7 +536,9 @@ def render(result: Result, console=None, max_classes: int = 30) -> None:
     from rich.table import Table
     console = console or Console()
     rep = result.report
-    t = Table(title=f"evaluation ({rep['task']}-label, {rep['n_items']} items, {rep['num_classes']} classes)")
+    console.print(f"[bold]evaluation[/bold]: {rep['task']}-label, {rep['n_items']} items, "
+                  f"{rep['num_classes']} classes")
+    t = Table()
     t.add_column("metric")
     t.add_column("value", justify="right")
 
@@ -511,11 +566,12 @@ def render(result: Result, console=None, max_classes: int = 30) -> None:
     if pc:
         cols = ["precision", "recall", "f1", "support"] if rep["task"] == "single" else \
             ["ap", "roc_auc", "lwlrap", "f1", "support"]
-        t2 = Table(title="per class" + (f" (first {max_classes})" if len(pc) > max_classes else ""))
+        t2 = Table(title="per class" + (f" ({max_classes} with most support)" if len(pc) > max_classes else ""))
         t2.add_column("class")
         for c in cols:
             t2.add_column(c, justify="right")
-        for name, d in list(pc.items())[:max_classes]:
+        ranked = sorted(pc.items(), key=lambda kv: -(kv[1].get("support") or 0))  # stable: file order
+        for name, d in ranked[:max_classes]:
             t2.add_row(name, *["n/a" if d[c] is None else (f"{d[c]:.3f}" if isinstance(d[c], float) else str(d[c]))
                                for c in cols])
         console.print(t2)

@@ -181,5 +181,15 @@ def read_events_tsv(path, classes: Sequence[str] | None = None, durations: dict[
     return dict(out)
 
 
-__all__ = ["Event", "frame_hop", "median_filter", "binarize", "decode_events", "events_to_frames",
+__all__ = ["Event", "decode_items", "frame_hop", "median_filter", "binarize", "decode_events", "events_to_frames",
            "format_events_tsv", "write_events_tsv", "write_frame_scores_tsv", "read_events_tsv"]
+
+
+def decode_items(items: Iterable[tuple[str, np.ndarray]], classes: Sequence[str], hop: float,
+                 threshold=0.5, **kw) -> list[tuple[str, float, float, str]]:
+    """(id, frame probs (T, C)) pairs -> (id, onset, offset, label) rows for `write_events_tsv`;
+    `kw` as for `decode_events` (low, median, min_duration, min_gap, duration)."""
+    rows = []
+    for cid, sc in items:
+        rows += [(cid, e.onset, e.offset, e.label) for e in decode_events(sc, classes, hop, threshold, **kw)]
+    return rows

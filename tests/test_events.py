@@ -73,3 +73,10 @@ def test_frame_scores_tsv(tmp_path):
     write_frame_scores_tsv(p, [("c1", np.array([[0.1, 0.9], [0.2, 0.8]]))], ["a", "b"], hop=0.5)
     assert p.read_text().splitlines() == ["id\tonset\toffset\ta\tb", "c1\t0.000\t0.500\t0.1000\t0.9000",
                                           "c1\t0.500\t1.000\t0.2000\t0.8000"]
+
+
+def test_decode_items_rows():
+    from pllcli.events import decode_items
+    s = np.zeros((4, 1))
+    s[1:3, 0] = 0.9
+    assert decode_items([("x", s), ("y", np.zeros((4, 1)))], ["a"], 0.5) == [("x", 0.5, 1.5, "a")]

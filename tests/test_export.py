@@ -11,7 +11,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from pllcli import export as ex  # noqa: E402
-from pllcli.errors import PllcliError  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

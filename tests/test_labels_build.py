@@ -179,6 +179,13 @@ def test_simulation_uniform_fixed_missing_confusions(tmp_path):
     assert u.stats["q_eff"] == pytest.approx(0.3, abs=0.04)
     m = simulate(str(labels), k=2, missing=0.25, seed=0)
     assert m.stats["coverage"] == pytest.approx(0.75, abs=0.06) and (m.data.set_sizes == 2).all()
+    unl = _write(tmp_path, "unl.csv", "id,path\nu0,a.wav\nu1,b.wav\n")
+    w = simulate(str(labels), k=1, seed=0, unlabeled_path=str(unl))
+    assert w.stats["items"] == 402 and w.stats["unlabeled"] == 2 and w.stats["coverage"] == 1.0
+    assert list(w.data.ids[-2:]) == ["u0", "u1"] and w.data.unlabeled[-2:].all() and not w.data.unlabeled[:-2].any()
+    dup = _write(tmp_path, "dup.csv", "id\ni3\n")
+    with pytest.raises(InputError, match="duplicate id 'i3'"):
+        simulate(str(labels), k=1, unlabeled_path=str(dup))
     conf = np.roll(np.eye(5), 1, axis=1)  # true class c -> only c+1 is confusable
     np.save(tmp_path / "conf.npy", conf)
     c = simulate(str(labels), k=2, confusions=str(tmp_path / "conf.npy"), seed=0)

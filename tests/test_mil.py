@@ -128,3 +128,12 @@ def test_bce_and_hinge_hand_computed():
     assert mil.bce_loss(two, yy, weight=torch.tensor([1.0, 0.0])).item() == pytest.approx(expect, rel=1e-6)
     with pytest.raises(UsageError, match="unknown multi-label loss"):
         mil.multilabel_loss("focal", logits, y)
+
+
+def test_noisy_or_loss_keeps_a_gradient_on_long_negative_bags():
+    # 200 frames at p = 0.5: the pooled probability rounds to 1, yet the loss is exact (200 ln 2)
+    z = torch.zeros(1, 200, dtype=torch.float64, requires_grad=True)
+    loss = mil.mil_loss(z, torch.tensor([0.0], dtype=torch.float64), "noisy_or")
+    assert loss.item() == pytest.approx(200 * math.log(2))
+    loss.backward()
+    assert z.grad.abs().min().item() == pytest.approx(0.5)

@@ -67,3 +67,23 @@ def test_ce_objective_only_uses_clean_items():
     ctx = _ctx(logits, torch.zeros(2, 4), torch.tensor([0, -1]), torch.tensor([0, 1]))
     assert o.loss(ctx).item() == pytest.approx(-math.log(0.5), rel=1e-5)
     assert o.loss(_ctx(logits, torch.zeros(2, 4), torch.tensor([-1, -1]), torch.tensor([0, 1]))) is None
+
+
+def test_ce_mixup_mixes_inputs_and_targets():
+    torch.manual_seed(0)
+    o = build_objective("ce:mixup=0.4")
+    seen = {}
+
+    def fwd(x, lengths):
+        seen["x"] = x
+        return {"logits": torch.zeros(x.shape[0], 4)}
+
+    x = torch.stack([torch.zeros(5, 3), torch.ones(5, 3)])
+    b = {"candidates": torch.zeros(2, 4), "has_candidates": torch.zeros(2, dtype=torch.bool),
+         "clean": torch.tensor([0, 1]), "index": torch.tensor([0, 1]), "x": x, "lengths": torch.tensor([5, 5])}
+    ctx = StepContext(None, b, {"logits": torch.zeros(2, 4)}, epoch=0, step=0, progress=0.0, epochs=1,
+                      num_classes=4, task="single", device="cpu", forward=fwd, augment=None)
+    loss = o.loss(ctx)
+    assert loss.item() == pytest.approx(math.log(4), rel=1e-5)  # uniform logits: CE = log C for any target
+    v = seen["x"][:, 0, 0]
+    assert torch.allclose(v.sum(), torch.tensor(1.0)) or torch.allclose(v, torch.tensor([0.0, 1.0]))

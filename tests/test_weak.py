@@ -116,3 +116,38 @@ def test_segment_views():
     segs, lens, owner = weak.segment_views(X, torch.tensor([5, 3]), 2)
     assert lens.tolist() == [2, 2, 1, 2, 1] and owner.tolist() == [0, 0, 0, 1, 1]
     assert segs[2, :, 0].tolist() == [4.0, 0.0] and segs[4, :, 0].tolist() == [7.0, 0.0]
+
+
+def test_registered_objectives_compute_the_library_losses():
+    from types import SimpleNamespace
+
+    from pllcli.losses import mil
+    from pllcli.training.objectives import build_objective
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2)
+    frame = torch.randn(3, 4, 2)
+    tags = torch.tensor([[1.0, 0], [0, 0], [0, 1]])
+    batch = {"tags": tags, "has_tags": torch.tensor([True, True, False]),
+             "soft": torch.full((3, 2), 0.5), "has_soft": torch.tensor([False, False, True])}
+    ctx = SimpleNamespace(batch=batch, out={"logits": logits, "frame_logits": frame,
+                                            "frame_lengths": torch.tensor([4, 2, 4])}, model=None)
+    bce = build_objective("multilabel-bce").loss(ctx)
+    assert bce.item() == pytest.approx(mil.bce_loss(logits[:2], tags[:2]).item())
+    soft = build_objective("multilabel-bce:use_soft=true").loss(ctx)
+    y = torch.cat([tags[:2], torch.full((1, 2), 0.5)])
+    assert soft.item() == pytest.approx(mil.bce_loss(logits, y).item())
+    hinge = build_objective("multilabel-hinge").loss(ctx)
+    assert hinge.item() == pytest.approx(mil.hinge_loss(logits[:2], tags[:2]).item())
+    m = build_objective("mil:pooling=mmm").loss(ctx)
+    mask = mil.lengths_to_mask(torch.tensor([4, 2]), 4)
+    assert m.item() == pytest.approx(mil.mmm_loss(frame[:2], tags[:2], mask).item())
+    with pytest.raises(UsageError, match="learnable"):
+        build_objective("mil:pooling=attention")
+    with pytest.raises(UsageError, match="whenwho"):
+        build_objective("when-mmm").loss(ctx)
+    net = weak.WhenWhoNet(6, 2, width=4, depth=2, rnn_hidden=4)
+    out = net(torch.randn(3, 8, 6), torch.tensor([8, 8, 4]))
+    ctx.out, ctx.model = out, net
+    w = build_objective("when-mmm").loss(ctx)
+    sub = {k: out[k][:2] for k in ("when_frame_logits", "when_frames", "frame_lengths")}
+    assert w.item() == pytest.approx(weak.when_loss(sub, torch.tensor([1.0, 0.0])).item())

@@ -20,6 +20,9 @@ def evaluate_cmd(
         "'id' plus one probability column per class, or rows 'id,label,prob' (top-k).")] = None,
     events: Annotated[Optional[Path], typer.Option(
         "--events", help="Estimated events TSV id,onset,offset,label for segment/event F1.")] = None,
+    candidates: Annotated[Optional[Path], typer.Option(
+        "--candidates", help="Label store whose candidate sets are scored against the truth "
+        "(PLL coverage and disambiguation accuracy).")] = None,
     json_out: JsonOut = None,
     plots: Annotated[Optional[Path], typer.Option(
         "--plots", metavar="DIR", help="Write PNGs (confusion matrix, PR curves, reliability, "
@@ -54,7 +57,7 @@ def evaluate_cmd(
     if train_log is not None and plots is None:
         raise UsageError("--train-log is used for --plots; give --plots DIR too")
     result = evaluate(truth, checkpoint=ckpt, features=feats, predictions=predictions,
-                      estimated_events=events, batch_size=batch_size, device=device,
+                      estimated_events=events, candidates=candidates, batch_size=batch_size, device=device,
                       threshold=threshold, t_collar=collar, percentage_of_length=offset_pct,
                       segment_resolution=segment, n_bins=bins)
     if plots is not None:

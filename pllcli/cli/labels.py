@@ -120,11 +120,11 @@ def build_candidates(
                                   durations_name=str(durations))
         params = {"durations": str(durations) if durations else None}
     else:
-        if unlabeled or clean:
-            raise UsageError("--clean/--unlabeled do not apply to --simulate-from (use --clean-share)")
+        if clean:
+            raise UsageError("--clean does not apply to --simulate-from (use --clean-share)")
         built = B.simulate(str(simulate_from), q=flip_q, k=set_size, missing=missing_share,
                            confusions=str(confusions) if confusions else None, clean_share=clean_share,
-                           seed=seed, vocab=vocab_list)
+                           seed=seed, vocab=vocab_list, unlabeled_path=str(unlabeled) if unlabeled else None)
         params = {"flip_q": flip_q, "set_size": set_size, "missing_share": missing_share,
                   "clean_share": clean_share, "seed": seed}
     prov = provenance(inputs={k: v for k, v in inputs.items() if v is not None}, params=params)

@@ -6,18 +6,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from pllcli.cli._options import BatchSize, Device, FeatureStorePath, JsonOut, Seed
+from pllcli.cli._options import BatchSize, Device, JsonOut, Seed
 
 
 def train_cmd(
-    features: FeatureStorePath,
+    features: Annotated[Optional[Path], typer.Argument(metavar="FEATURES", help="Feature store (.h5).")] = None,
     labels: Annotated[Optional[Path], typer.Option("--labels", "-l", help="Label store (.h5) joined by id.")] = None,
     outdir: Annotated[Optional[Path], typer.Option("-o", "--outdir", help="Output folder (checkpoints, log.jsonl).")] = None,
     model: Annotated[str, typer.Option("--model", help="Model name (see --list-models).")] = "convgru",
     model_opt: Annotated[Optional[list[str]], typer.Option(
         "--model-opt", help="Model option KEY=VALUE (repeatable), e.g. width=16.")] = None,
     objective: Annotated[Optional[list[str]], typer.Option(
-        "--objective", help="NAME[:KEY=VALUE,...] (repeatable); default 'proden:eps=0.01'. Common keys: "
+        "--objective", help="NAME[:KEY=VALUE,...] (repeatable); default 'proden:eps=0.01' + 'ce'. Common keys: "
                             "weight, schedule (constant|linear|sigmoid), start, end.")] = None,
     pll: Annotated[Optional[str], typer.Option(
         "--pll", help="Shortcut: the candidate-set loss (cc, proden, rc, lws, pico, cr, mse) with defaults.")] = None,
@@ -70,6 +70,8 @@ def train_cmd(
             for k, v in list_objectives().items():
                 typer.echo(f"{k:14s} {v}")
         return
+    if features is None:
+        raise UsageError("missing argument FEATURES (a feature store)")
     if labels is None:
         raise UsageError("--labels is required")
     if outdir is None and resume is None:

@@ -6,7 +6,8 @@ lengths into batches for the frontend, and returns the features in chunk order. 
 the parent process writes HDF5: each finished chunk becomes `OUT.parts/part-NNNNNN.h5`
 (tmp + rename). A rerun keeps the parts whose chunk still holds the same ids and paths
 and skips them. At the end the parts are merged into a temporary file renamed onto OUT,
-and the parts folder is removed.
+and the parts folder is removed. The output itself is assembled in chunk order while later
+chunks are still computing (from memory, or from the part file for resumed chunks).
 """
 from __future__ import annotations
 
@@ -178,18 +179,21 @@ def compute_features(waves: Sequence[np.ndarray], config: FeatureConfig,
     return out  # type: ignore[return-value]
 
 
-def process_chunk(task: tuple[int, list[tuple[str, str]], dict]) -> dict[str, Any]:
-    """Worker: decode + featurize one chunk. task = (chunk no, [(id, path)], config dict).
+def process_chunk(task: tuple) -> dict[str, Any]:
+    """Worker: decode + featurize one chunk and write it as a part file.
 
-    Returns {chunk, ok (local indices), num_frames, durations, features (sumT, F) in chunk
-    order, skipped [(local idx, reason, detail)], warnings [(local idx, kind, detail)], audio_seconds}.
+    task = (chunk no, [Item], config dict, parts folder or None, meta columns). Returns
+    {chunk, block (args for FeatureStoreWriter.add_block, items in chunk order),
+    skipped [(local idx, reason, detail)], warnings [(local idx, kind, detail)], audio_seconds}.
+    Each worker writes only its own part files (tmp + rename); the output store is written
+    by the parent alone.
     """
-    k, pairs, cfgd = task
+    k, chunk, cfgd, parts_dir, meta_cols = task
     config = FeatureConfig.from_dict(cfgd)
     waves, ok, durs, skipped, warns = [], [], [], [], []
-    for li, (_iid, path) in enumerate(pairs):
+    for li, it in enumerate(chunk):
         try:
-            a = load_audio(path, config.sample_rate)
+            a = load_audio(it.path, config.sample_rate)
         except AudioSkip as e:
             skipped.append((li, e.reason, e.detail))
             continue
@@ -202,9 +206,13 @@ def process_chunk(task: tuple[int, list[tuple[str, str]], dict]) -> dict[str, An
     nf = np.asarray([f.shape[0] for f in feats], dtype=np.int64)
     cat = np.concatenate(feats, axis=0).astype(config.dtype, copy=False) if feats \
         else np.zeros((0, config.n_mels), dtype=config.dtype)
-    return {"chunk": k, "ok": ok, "num_frames": nf, "durations": np.asarray(durs, dtype=np.float64),
-            "features": cat, "skipped": skipped, "warnings": warns,
-            "audio_seconds": float(np.sum(durs)) if durs else 0.0}
+    res = {"chunk": k, "ok": ok, "num_frames": nf, "durations": np.asarray(durs, dtype=np.float64),
+           "features": cat, "skipped": skipped, "warnings": warns,
+           "audio_seconds": float(np.sum(durs)) if durs else 0.0}
+    if parts_dir is not None:
+        res["block"] = _write_part(Path(parts_dir), config, meta_cols, chunk, res)
+        del res["features"], res["num_frames"], res["durations"], res["ok"]
+    return res
 
 
 # -------------------------------------------------------------------- parent side
@@ -221,16 +229,30 @@ def _part_path(parts_dir: Path, k: int) -> Path:
 
 
 def _write_part(parts_dir: Path, config: FeatureConfig, meta_cols: list[str], chunk: list[Item],
-                res: dict[str, Any]) -> None:
+                res: dict[str, Any]) -> tuple:
+    """Write one finished chunk as OUT.parts/part-NNNNNN.h5 (tmp + rename); return its block for add_block."""
     from pllcli.features.store import FeatureStoreWriter
     ok = res["ok"]
     skipped = [Skip(chunk[li].id, chunk[li].path, chunk[li].line, r, d).as_dict() for li, r, d in res["skipped"]]
     warns = [{"id": chunk[li].id, "path": chunk[li].path, "kind": kd, "detail": d} for li, kd, d in res["warnings"]]
     attrs = {"chunk": res["chunk"], "chunk_key": _chunk_key(chunk), "skipped": json.dumps(skipped),
              "warnings": json.dumps(warns), "audio_seconds": res["audio_seconds"]}
-    with FeatureStoreWriter(_part_path(parts_dir, res["chunk"]), config, meta_cols, attrs) as w:
-        w.add_block([chunk[li].id for li in ok], res["features"], res["num_frames"], res["durations"],
-                    [chunk[li].path for li in ok], {c: [chunk[li].meta.get(c, "") for li in ok] for c in meta_cols})
+    block = ([chunk[li].id for li in ok], res["features"], res["num_frames"], res["durations"],
+             [chunk[li].path for li in ok], {c: [chunk[li].meta.get(c, "") for li in ok] for c in meta_cols})
+    with FeatureStoreWriter(_part_path(parts_dir, res["chunk"]), config, meta_cols, attrs, tmp_dir=parts_dir) as w:
+        w.add_block(*block)
+    return block
+
+
+def _append_part_file(writer, path: Path, meta_cols: list[str]) -> tuple[float, int]:
+    """Append a finished part from disk to `writer`; returns (audio seconds, items)."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        ids = f["ids"].asstr()[:]
+        durs = f["duration"][:]
+        writer.add_block(ids, f["features"][:], f["num_frames"][:], durs, f["path"].asstr()[:],
+                         {c: f["meta"][c].asstr()[:] for c in meta_cols})
+    return float(durs.astype(np.float64).sum()), len(ids)
 
 
 def _read_part_info(path: Path) -> dict[str, Any] | None:
@@ -265,7 +287,7 @@ def _prepare_parts_dir(parts_dir: Path, config: FeatureConfig, chunk_size: int, 
     if not run_file.exists():
         from pllcli.io import write_json
         write_json(run, run_file)
-    for stray in parts_dir.glob(".part-*"):  # tmp files of a killed run
+    for stray in parts_dir.glob(".*.tmp"):  # tmp files of a killed run
         stray.unlink(missing_ok=True)
     done, info = set(), {}
     for p in sorted(parts_dir.glob("part-*.h5")):
@@ -288,7 +310,6 @@ def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int
               overwrite: bool = False, extensions: Sequence[str] = AUDIO_EXTENSIONS,
               progress: bool = True, on_chunk: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Featurize `src` (manifest, '-' or directory) into the store `out`; returns the summary dict."""
-    from pllcli.features.store import merge_feature_stores
     from pllcli.io import provenance
     t0 = time.perf_counter()
     out = Path(out)
@@ -318,9 +339,40 @@ def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int
     for k in sorted(done):
         summary_skips += json.loads(info[k].get("skipped", "[]"))
         warnings += json.loads(info[k].get("warnings", "[]"))
+    if strict:
+        for k in sorted(done):
+            sk = json.loads(info[k].get("skipped", "[]"))
+            if sk:
+                s0 = sk[0]
+                where = f"{src}:{s0['line']}" if s0["line"] else s0["path"]
+                raise StrictModeError(f"{where}: {s0['id']}: {s0['reason']} ({s0['detail']}) and --strict is set")
     files_resumed = sum(len(chunks[k]) for k in done)
     if done:
         log.info("resuming: %d of %d chunks already done in %s", len(done), len(chunks), parts_dir)
+
+    from pllcli.features.store import FeatureStoreWriter
+    attrs = {"provenance": provenance(inputs={"input": src if kind == "manifest" else None},
+                                      params={"jobs": jobs, "chunk_size": chunk_size, "input_kind": kind})}
+    if shard[1] > 1:
+        attrs["shard"] = f"{shard[0]}/{shard[1]}"
+    # The output is assembled in chunk order while later chunks are still being computed;
+    # its tmp file lives in the parts folder and is renamed onto OUT only at the very end.
+    writer = FeatureStoreWriter(out, config, meta_cols, attrs, tmp_dir=parts_dir)
+    state = {"next": 0, "audio_total": 0.0}
+    pending: dict[int, tuple] = {}
+
+    def drain():
+        while state["next"] < len(chunks):
+            k = state["next"]
+            if k in pending:
+                block = pending.pop(k)
+                writer.add_block(*block)
+                state["audio_total"] += float(np.sum(block[3], dtype=np.float64))
+            elif k in done:
+                state["audio_total"] += _append_part_file(writer, _part_path(parts_dir, k), meta_cols)[0]
+            else:
+                break
+            state["next"] += 1
 
     bar = None
     if progress:
@@ -329,7 +381,7 @@ def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int
                    dynamic_ncols=True, desc="featurize", mininterval=0.5,
                    disable=None)  # None: no bar when stderr is not a terminal
     cfgd = config.to_dict()
-    tasks = ((k, [(it.id, it.path) for it in chunks[k]], cfgd) for k in todo)
+    tasks = ((k, chunks[k], cfgd, str(parts_dir), meta_cols) for k in todo)
     kill_after = int(os.environ.get(_DIE_AFTER, "0") or 0)
     written = 0
 
@@ -342,7 +394,7 @@ def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int
             it = chunk[li]
             where = f"{src}:{it.line}" if it.line else it.path
             raise StrictModeError(f"{where}: {it.id}: {r} ({d}) and --strict is set")
-        _write_part(parts_dir, config, meta_cols, chunk, res)
+        pending[k] = res["block"]  # the worker has written the part file
         for li, r, d in res["skipped"]:
             summary_skips.append(Skip(chunk[li].id, chunk[li].path, chunk[li].line, r, d).as_dict())
         for li, kd, d in res["warnings"]:
@@ -350,16 +402,18 @@ def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int
             log.warning("%s: %s (%s)", chunk[li].path, d, chunk[li].id)
         audio_run += res["audio_seconds"]
         written += 1
+        if kill_after and written >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        drain()
         if bar is not None:
             bar.update(len(chunk))
             el = time.perf_counter() - t0
             bar.set_postfix_str(f"{audio_run / max(el, 1e-9):.0f}x RT", refresh=False)
         if on_chunk is not None:
             on_chunk(k)
-        if kill_after and written >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
 
     try:
+        drain()  # chunks finished by an earlier run
         if jobs == 1 or len(todo) <= 1:
             import torch
             prev = torch.get_num_threads()
@@ -375,27 +429,21 @@ def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int
             with ctx.Pool(min(jobs, len(todo)), initializer=_init_worker) as pool:
                 for res in pool.imap_unordered(process_chunk, tasks):
                     handle(res)
+        drain()
+        if state["next"] != len(chunks):  # pragma: no cover - would be a bug
+            raise RuntimeError(f"assembled {state['next']} of {len(chunks)} chunks")
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     finally:
         if bar is not None:
             bar.close()
-
-    # assemble: parts in chunk order -> tmp -> OUT
-    part_files = [_part_path(parts_dir, k) for k in range(len(chunks))]
-    attrs = {"provenance": provenance(inputs={"input": src if kind == "manifest" else None},
-                                      params={"jobs": jobs, "chunk_size": chunk_size, "input_kind": kind})}
-    if shard[1] > 1:
-        attrs["shard"] = f"{shard[0]}/{shard[1]}"
-    if part_files:
-        merge_feature_stores(out, part_files, attrs=attrs, order_by_shard=False)
-    else:
-        from pllcli.features.store import write_feature_store
-        write_feature_store(out, config, [], meta_cols, attrs=attrs)
     shutil.rmtree(parts_dir, ignore_errors=True)
 
     wall = time.perf_counter() - t0
-    from pllcli.features.store import FeatureStore
-    with FeatureStore(out) as fs:
-        n_done, audio_total, frames = len(fs), fs.total_duration(), int(fs.offsets[-1])
+    n_done, audio_total, frames = writer.n, state["audio_total"], writer.rows
+    summary_skips.sort(key=lambda s: (s["line"], s["path"]))
     by_reason: dict[str, int] = {}
     for s in summary_skips:
         by_reason[s["reason"]] = by_reason.get(s["reason"], 0) + 1

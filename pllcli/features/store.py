@@ -229,7 +229,8 @@ def store_attrs(config: FeatureConfig, extra: dict[str, Any] | None = None) -> d
 
 
 class FeatureStoreWriter:
-    """Append items to a new store; the file appears at `path` only on `close()` (tmp + rename).
+    """Append items to a new store; the file appears at `path` only on `close()` (tmp + rename;
+    the tmp lives in `tmp_dir`, default beside `path`, which must be on the same filesystem).
 
     Items are buffered and written in blocks. Use as a context manager: an exception
     discards the temporary file. `add(id, features (T, F), duration, path, meta)`.
@@ -237,7 +238,7 @@ class FeatureStoreWriter:
 
     def __init__(self, path: str | os.PathLike, config: FeatureConfig,
                  meta_columns: Sequence[str] = (), attrs: dict[str, Any] | None = None,
-                 flush_frames: int = 1 << 16):
+                 flush_frames: int = 1 << 16, tmp_dir: str | os.PathLike | None = None):
         h5py = _h5py()
         self.path = Path(path)
         self.config = config
@@ -245,7 +246,7 @@ class FeatureStoreWriter:
         self.dtype = np.dtype(config.dtype)
         self.F = config.n_mels
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=tmp_dir or self.path.parent)
         os.close(fd)
         self.tmp = Path(tmp)
         self.f = h5py.File(self.tmp, "w")
@@ -338,6 +339,9 @@ class FeatureStoreWriter:
         self.flush()
         self.f.attrs["num_items"] = self.n
         self.f.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         os.replace(self.tmp, self.path)
         self.closed = True
         return self.path

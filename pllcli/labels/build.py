@@ -57,6 +57,12 @@ def _read_ids(table: Table, seen: dict[str, tuple[str, int]] | None = None, col:
         yield ln, row
 
 
+def read_unlabeled_ids(path: str, known: Sequence[str], known_name: str) -> list[str]:
+    """Ids listed in an unlabeled table (id[,path]), unique and disjoint from `known`."""
+    seen = {i: (known_name, 0) for i in known}
+    return [row["id"] for _, row in _read_ids(Table(path, required=["id"]), seen)]
+
+
 def read_vocab(path: str) -> list[str]:
     """A class list: a table with a `label` (or `class`) column, or plain text, one per line."""
     with open(path, "rb") as f:
@@ -242,10 +248,8 @@ def build_from_chat(voice_path: str, chat_path: str, opts: ChatOptions, clean_pa
 
     n_unl = 0
     if unlabeled_path:
-        ut = Table(unlabeled_path, required=["id"])
-        useen = {i: (vt.name, 0) for i in ids}
-        for ln, row in _read_ids(ut, useen):
-            ids.append(row["id"])
+        for uid in read_unlabeled_ids(unlabeled_path, ids, vt.name):
+            ids.append(uid)
             clean.append(-1)
             sets.append([])
             if weights is not None:
@@ -371,10 +375,8 @@ def build_from_tags(tags_path: str | None, strong_path: str | None = None, durat
     n_tagged = len(ids)
     n_unl = 0
     if unlabeled_path:
-        ut = Table(unlabeled_path, required=["id"])
-        useen = {i: ("labels", 0) for i in ids}
-        for ln, row in _read_ids(ut, useen):
-            ids.append(row["id"])
+        for uid in read_unlabeled_ids(unlabeled_path, ids, "labels"):
+            ids.append(uid)
             rows.append(None)
             n_unl += 1
     tags = [None if r is None else [ci[x] for x in r] for r in rows]
@@ -420,7 +422,7 @@ def read_confusions(path: str, num_classes: int) -> np.ndarray:
 
 def simulate(labels_path: str, *, q: float | None = None, k: int | None = None, missing: float = 0.0,
              confusions: str | None = None, clean_share: float = 0.0, seed: int = 0,
-             vocab: Sequence[str] | None = None) -> Built:
+             vocab: Sequence[str] | None = None, unlabeled_path: str | None = None) -> Built:
     """Candidate sets from a fully labelled file (id, label).
 
     - uniform flipping (`q`): every wrong class joins the set independently with probability q;
@@ -429,7 +431,8 @@ def simulate(labels_path: str, *, q: float | None = None, k: int | None = None, 
       probability q * conf[t, j] / max_j' conf[t, j'] ; with `k`, drawn without replacement in
       proportion to conf[t, j];
     - `missing`: share of sets whose truth is replaced by one more wrong class (noisy PLL);
-    - `clean_share`: share of items whose label is kept as clean.
+    - `clean_share`: share of items whose label is kept as clean;
+    - `unlabeled_path`: further items (id[,path]) added with no labels.
     """
     if (q is None) == (k is None):
         raise UsageError("simulation needs exactly one of --flip-q and --set-size")
@@ -492,11 +495,14 @@ def simulate(labels_path: str, *, q: float | None = None, k: int | None = None, 
         for r in rng.choice(n, size=int(round(clean_share * n)), replace=False):
             clean[r] = y[r]
             sets[r] = [y[r]]
-    data = LabelData.new(ids, classes, task="single", candidates=sets, clean=clean)
     sizes = np.asarray([len(s) for s in sets], np.float64)
+    if unlabeled_path:
+        extra = read_unlabeled_ids(unlabeled_path, ids, t.name)
+        ids, sets, clean = ids + extra, sets + [[] for _ in extra], clean + [-1] * len(extra)
+    data = LabelData.new(ids, classes, task="single", candidates=sets, clean=clean)
     stats = {
         "source": "simulate",
-        "items": n, "classes": C,
+        "items": len(ids), "classes": C,
         "mode": ("confusions-" if conf is not None else "uniform-") + ("q" if q is not None else "k"),
         "mean_set_size": float(sizes[sizes > 0].mean()) if (sizes > 0).any() else 0.0,
         "q_eff": _q_eff(sizes, C),

@@ -226,6 +226,15 @@ def mil_loss(frame_logits: torch.Tensor, targets: torch.Tensor, pooling: str = "
     if pooling == "max":  # exact and stable on logits
         return _reduce(F.binary_cross_entropy_with_logits(max_pool(frame_logits, mask), y,
                                                           reduction="none"), reduction)
+    if pooling == "noisy_or":  # in log space: log(1 - P) = sum_t log(1 - p_t) = sum_t logsigmoid(-z_t)
+        z, sq = _as3d(frame_logits)
+        m = _mask3(mask, z)
+        log_q = F.logsigmoid(-z)
+        if m is not None:
+            log_q = log_q * m.to(z.dtype)
+        s = _out(log_q.sum(1), sq).clamp(max=-EPS)  # log(1 - P) <= 0
+        loss = -(y * torch.log(-torch.expm1(s)) + (1 - y) * s)
+        return _reduce(loss, reduction)
     clip = pool(torch.sigmoid(frame_logits), pooling, mask, attention, features)
     return _reduce(_bce_prob(clip, y), reduction)
 

@@ -71,20 +71,27 @@ class _BufferedPLL(Objective):
 
 @register_objective("ce")
 class CrossEntropy(Objective):
-    """Cross-entropy on items with a clean label (label smoothing optional)."""
+    """Cross-entropy on items with a clean label (label smoothing, mixup=alpha optional)."""
 
     items = ("clean",)
 
-    def __init__(self, smoothing: float = 0.0, **kw):
+    def __init__(self, smoothing: float = 0.0, mixup: float = 0.0, **kw):
         super().__init__(**kw)
-        self.smoothing = float(smoothing)
+        self.smoothing, self.mixup = float(smoothing), float(mixup)
 
     def loss(self, ctx):
         m = ctx.mask("clean")
         if not m.any():
             return None
-        return F.cross_entropy(ctx.out["logits"][m].float(), ctx.batch["clean"][m].long(),
-                               label_smoothing=self.smoothing)
+        y = ctx.batch["clean"][m].long()
+        if self.mixup > 0 and int(m.sum()) > 1:
+            from pllcli.training.augment import mixup
+            onehot = F.one_hot(y, ctx.num_classes).float()
+            x, t = mixup(ctx.batch["x"][m], onehot, self.mixup)
+            t = t * (1 - self.smoothing) + self.smoothing / ctx.num_classes
+            lengths = ctx.batch["lengths"][m]
+            return pll.soft_ce(ctx.forward(x, lengths)["logits"], t).mean()
+        return F.cross_entropy(ctx.out["logits"][m].float(), y, label_smoothing=self.smoothing)
 
 
 @register_objective("cc")

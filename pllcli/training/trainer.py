@@ -30,7 +30,7 @@ from pllcli.errors import CheckpointError, ConfigMismatchError, InputError, Trai
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OBJECTIVES = ("proden:eps=0.01",)
+DEFAULT_OBJECTIVES = ("proden:eps=0.01", "ce")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("cosine", "cosine-restarts", "onecycle", "poly", "constant")
 # config keys that may change between a run and its --resume
@@ -504,7 +504,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.progress and dist.main:
         from tqdm import tqdm
         pbar = tqdm(total=total_steps, initial=step, file=sys.stderr, unit="step", dynamic_ncols=True,
-                    desc="train")
+                    desc="train", mininterval=1.0 if sys.stderr.isatty() else 30.0)
     log_path = outdir / "log.jsonl"
     stopped_early = False
     last_good = None
@@ -568,8 +568,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             step += 1
             if pbar is not None:
                 pbar.update(1)
-                pbar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{sums['loss'] / n_items:.3f}",
-                                 **({monitor: f"{best_val:.3f}"} if best_val is not None else {}))
+                if bi % 10 == 0 or bi == len(batches) - 1:
+                    pbar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{sums['loss'] / n_items:.3f}",
+                                     **({monitor: f"{best_val:.3f}"} if best_val is not None else {}),
+                                     refresh=False)
         for o in objectives:
             o.end_epoch(epoch)
         train_time = time.perf_counter() - t0
