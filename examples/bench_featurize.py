@@ -30,6 +30,11 @@ def _peak_rss_mb() -> float:
     return max(own, kids) / 1024.0
 
 
+def _cpu_s() -> float:
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
 def _child(args) -> dict:
     import torch
     import torchaudio  # noqa: F401  (imported before the clock, as for featurize)
@@ -43,7 +48,7 @@ def _child(args) -> dict:
         files = [ln.split(",", 1)[1] for ln in Path(args.manifest).read_text().splitlines()[1:]]
         mel = T.MelSpectrogram(cfg.sample_rate, n_fft=cfg.n_fft, win_length=cfg.win_length,
                                hop_length=cfg.hop_length, f_min=cfg.fmin, f_max=cfg.fmax_hz, n_mels=cfg.n_mels)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         audio = 0.0
         with torch.inference_mode():
             for f in files:
@@ -54,17 +59,17 @@ def _child(args) -> dict:
                 torch.log(mel(w) + cfg.log_offset)
         wall = time.perf_counter() - t0
         return {"mode": "naive", "files": len(files), "audio_s": audio, "wall_s": wall,
-                "x_rt": audio / wall, "peak_rss_mb": _peak_rss_mb()}
+                "cpu_s": _cpu_s() - c0, "x_rt": audio / wall, "peak_rss_mb": _peak_rss_mb()}
     from pllcli.features.extract import featurize
     out = Path(args.work) / f"{args.child}.h5"
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     s = featurize(args.manifest, out, cfg, jobs=args.jobs, overwrite=True, progress=False,
                   chunk_size=args.chunk_size)
     wall = time.perf_counter() - t0
     size = out.stat().st_size
     out.unlink()
     return {"mode": args.child, "jobs": args.jobs, "files": s["files_done"], "audio_s": s["audio_seconds"],
-            "wall_s": wall, "x_rt": s["audio_seconds"] / wall, "store_mb": size / 2**20,
+            "wall_s": wall, "cpu_s": _cpu_s() - c0, "x_rt": s["audio_seconds"] / wall, "store_mb": size / 2**20,
             "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -171,7 +176,8 @@ def main() -> None:
         r["runs_wall_s"] = [round(x["wall_s"], 3) for x in runs]
         return r
 
-    res = {"data": args.data, "files": len(files), "preset": args.preset, "cpu_count": os.cpu_count()}
+    res = {"data": args.data, "files": len(files), "preset": args.preset, "cpu_count": os.cpu_count(),
+           "loadavg_start": os.getloadavg()}
     res["naive"] = best("naive", m1)
     res["jobs1"] = best("jobs1", m1, 1)
     res["jobs2"] = best("jobs2", m1, 2)
@@ -179,10 +185,14 @@ def main() -> None:
     res["speedup_vs_naive"] = res["jobs1"]["x_rt"] / res["naive"]["x_rt"]
     res["scaling_1_to_2_jobs"] = res["jobs2"]["x_rt"] / res["jobs1"]["x_rt"]
     res["rss_ratio_x4"] = res["jobs1_x4"]["peak_rss_mb"] / res["jobs1"]["peak_rss_mb"]
-    print(f"{'run':<12}{'files':>7}{'audio s':>10}{'wall s':>9}{'x RT':>9}{'peak RSS MB':>13}")
+    res["loadavg_end"] = os.getloadavg()
+    print(f"load average (1 min) at start {res['loadavg_start'][0]:.2f}, at end {res['loadavg_end'][0]:.2f} "
+          f"on {os.cpu_count()} CPUs (other users' jobs compete for the cores)")
+    print(f"{'run':<12}{'files':>7}{'audio s':>10}{'wall s':>9}{'cpu s':>8}{'x RT':>9}{'peak RSS MB':>13}")
     for k in ("naive", "jobs1", "jobs2", "jobs1_x4"):
         r = res[k]
-        print(f"{k:<12}{r['files']:>7}{r['audio_s']:>10.1f}{r['wall_s']:>9.3f}{r['x_rt']:>9.0f}{r['peak_rss_mb']:>13.0f}")
+        print(f"{k:<12}{r['files']:>7}{r['audio_s']:>10.1f}{r['wall_s']:>9.3f}{r['cpu_s']:>8.3f}{r['x_rt']:>9.0f}"
+              f"{r['peak_rss_mb']:>13.0f}")
     print(f"jobs1 / naive = {res['speedup_vs_naive']:.2f}x   jobs2 / jobs1 = {res['scaling_1_to_2_jobs']:.2f}x   "
           f"RSS x4 corpus / corpus = {res['rss_ratio_x4']:.2f}")
     if args.layout:

@@ -130,13 +130,10 @@ def _read_long(t, prob_col):
         labels_seen.setdefault(label, None)
 
     if prob_col is None:  # JSONL lists
-        for ln, line in enumerate(t._lines, 1):
-            if not line.strip():
-                continue
+        for ln, obj in t.json_objects():
             try:
-                obj = json.loads(line)
                 item, labels, probs = str(obj["id"]), obj["labels"], obj["probs"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (KeyError, TypeError) as e:
                 raise InputError(f"need an object with id, labels, probs ({type(e).__name__})",
                                  t.name, line=ln) from None
             if not isinstance(labels, list) or not isinstance(probs, list) or len(labels) != len(probs):

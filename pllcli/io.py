@@ -176,17 +176,24 @@ class Table:
             raise InputError(f"not valid UTF-8 (byte 0x{data[e.start]:02x})", self.name, line=line) from None
         return text.lstrip("\ufeff")
 
+    def json_objects(self) -> Iterator[tuple[int, dict]]:
+        """JSONL only: `(line_no, object)` with values as parsed (lists stay lists)."""
+        if self.format != "jsonl":
+            raise InputError("expected a JSONL file", self.name)
+        for ln, line in enumerate(self._lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"invalid JSON ({e.msg})", self.name, line=ln) from None
+            if not isinstance(obj, dict):
+                raise InputError("each JSONL line must be an object", self.name, line=ln)
+            yield ln, obj
+
     def __iter__(self) -> Iterator[tuple[int, dict[str, str]]]:
         if self.format == "jsonl":
-            for ln, line in enumerate(self._lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"invalid JSON ({e.msg})", self.name, line=ln) from None
-                if not isinstance(obj, dict):
-                    raise InputError("each JSONL line must be an object", self.name, line=ln)
+            for ln, obj in self.json_objects():
                 yield ln, {k: ("" if v is None else str(v)) for k, v in obj.items()}
             return
         for ln, cells in enumerate(self._reader_rows[1:], start=2):

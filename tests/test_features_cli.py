@@ -206,8 +206,8 @@ def test_resume_after_kill_9(corpus):
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert not out.exists()  # never a store that looks complete
-    parts = sorted(x.name for x in (root / "k.h5.parts").glob("part-*.h5"))
-    assert parts == ["part-000000.h5", "part-000001.h5"]
+    parts = sorted(x.name for x in (root / "k.h5.parts").glob("part-*.npz"))
+    assert parts == ["part-000000.npz", "part-000001.npz"]
     rep = root / "k.json"
     assert cli("featurize", man, out, "--chunk-size", "2", "--report", rep) == 0
     r = json.loads(rep.read_text())
@@ -255,3 +255,37 @@ def test_info_table_and_json(corpus, capsys):
         f.attrs["format"] = "something-else"
     assert cli("info", root / "u.h5") == 1
     assert "unknown format 'something-else'" in capsys.readouterr().err
+
+
+def test_strict_also_checks_resumed_chunks(corpus, capsys):
+    root, man, d = corpus
+    (root / "empty.wav").write_bytes(b"")
+    m = root / "e.csv"
+    m.write_text("id,path\nc0,audio/c0.wav\nbad,empty.wav\nc1,audio/c1.wav\nc2,audio/c2.wav\n")
+    out = root / "e.h5"
+    env = dict(os.environ, PLLCLI_TEST_KILL_AFTER_CHUNKS="1")
+    p = subprocess.run([sys.executable, "-m", "pllcli", "-q", "featurize", str(m), str(out), "--chunk-size", "2"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL
+    capsys.readouterr()
+    assert cli("featurize", m, out, "--chunk-size", "2", "--strict") == 1
+    assert f"{m}:3: bad: empty_file" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli("featurize", m, out, "--chunk-size", "2") == 0
+    assert list(FeatureStore(out).ids) == ["c0", "c1", "c2"]
+
+
+def test_config_overrides_on_the_command_line(corpus, capsys):
+    root, man, d = corpus
+    assert cli("featurize", man, root / "o.h5", "--sample-rate", "4000", "--n-mels", "32", "--dtype", "float16") == 0
+    fs = FeatureStore(root / "o.h5")
+    c = fs.config
+    assert (c.sample_rate, c.fmax, c.n_mels, c.dtype, fs.dtype) == (4000, 2000.0, 32, "float16", "float16")
+    assert fs.num_frames[0] == c.num_frames(300)  # 600 samples at 8 kHz -> 300 at 4 kHz
+    assert cli("featurize", man, root / "k.h5", "--preset", "fbank8k", "--win-length", "400") == 0
+    assert FeatureStore(root / "k.h5").config.n_fft == 512
+    capsys.readouterr()
+    assert cli("featurize", man, root / "x.h5", "--preset", "speech9k") == 2
+    assert "unknown feature preset 'speech9k'" in capsys.readouterr().err
+    assert cli("featurize", man, root / "x.h5", "--fmax", "9000") == 2
+    assert "fmax" in capsys.readouterr().err

@@ -56,11 +56,11 @@ def featurize_cmd(
     fr = frontend or base.frontend
     if fr == "fbank" and n_fft is None and (win_length is not None or frontend is not None):
         n_fft = _pow2(win_length or base.win_length)
+    if sample_rate is not None and fmax is None and base.fmax > sample_rate / 2:
+        fmax = sample_rate / 2  # a lower --sample-rate pulls the preset's fmax down to Nyquist
     config = FeatureConfig.preset(preset, frontend=frontend, sample_rate=sample_rate, n_mels=n_mels, n_fft=n_fft,
                                   win_length=win_length, hop_length=hop_length, fmin=fmin, fmax=fmax,
                                   log_offset=log_offset, dtype=dtype)
-    if sample_rate is not None and fmax is None and config.fmax > sample_rate / 2:
-        config = config.replace(fmax=sample_rate / 2)
     exts = tuple(e.strip() for e in ext.split(",") if e.strip()) if ext else None
     kwargs = {"extensions": exts} if exts else {}
     try:

@@ -21,8 +21,16 @@ def train_cmd(
                             "weight, schedule (constant|linear|sigmoid), start, end.")] = None,
     pll: Annotated[Optional[str], typer.Option(
         "--pll", help="Shortcut: the candidate-set loss (cc, proden, rc, lws, pico, cr, mse) with defaults.")] = None,
+    alpha: Annotated[Optional[float], typer.Option(
+        "--alpha", help="Teacher-student mix of original and pseudo labels (soft labels from pseudo-label): "
+                        "target = A * pseudo + (1 - A) * original; adds objective 'distill:alpha=A'.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", "-e", min=1)] = 30,
     batch_size: BatchSize = 64,
+    clean_share: Annotated[float, typer.Option(
+        "--clean-share", "--labeled-share",
+        help="Share of every batch taken from the clean-labelled items (oversampled), 0 = natural share.")] = 0.25,
+    unlabeled_share: Annotated[float, typer.Option(
+        "--unlabeled-share", help="Share of every batch taken from the unlabeled items, 0 = natural share.")] = 0.0,
     max_frames: Annotated[int, typer.Option("--max-frames", help="Random crop length in frames (0 = full).")] = 300,
     optimizer: Annotated[str, typer.Option("--optimizer", help="adamw, adam or sgd.")] = "adamw",
     lr: Annotated[float, typer.Option("--lr")] = 3e-3,
@@ -31,7 +39,9 @@ def train_cmd(
         "--lr-schedule", help="cosine, cosine-restarts, onecycle, poly or constant.")] = "cosine",
     warmup: Annotated[float, typer.Option("--warmup", help="Linear LR warm-up, epochs.")] = 1.0,
     restart_epochs: Annotated[float, typer.Option("--restart-epochs", help="cosine-restarts period.")] = 10.0,
-    ema: Annotated[float, typer.Option("--ema", help="EMA decay of weights (0 = off), e.g. 0.999.")] = 0.0,
+    ema: Annotated[Optional[float], typer.Option(
+        "--ema", help="EMA decay of weights (0 = off), e.g. 0.999; default 0.99 when an objective needs an "
+                      "EMA teacher (mean-teacher, ...), else off.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Average the K best checkpoints (0 = off).")] = 3,
     patience: Annotated[int, typer.Option("--patience", help="Early stopping patience in epochs (0 = off).")] = 0,
     valid: Annotated[Optional[Path], typer.Option("--valid", help="Validation feature store.")] = None,
@@ -79,12 +89,17 @@ def train_cmd(
     if outdir is None:
         outdir = resume if resume.is_dir() else resume.parent
     from pllcli.models import parse_model_options
-    from pllcli.training.trainer import DEFAULT_OBJECTIVES, TrainConfig, train
+    from pllcli.training.trainer import DEFAULT_OBJECTIVES, TrainConfig, default_ema, train
     objectives = list(objective or [])
     if pll:
         objectives.append(pll)
     if not objectives:
         objectives = list(DEFAULT_OBJECTIVES)
+    if alpha is not None:
+        if not 0 <= alpha <= 1:
+            raise UsageError(f"--alpha must be in [0, 1], got {alpha}")
+        objectives.append(f"distill:alpha={alpha:g}")
+    ema = default_ema(objectives) if ema is None else ema
     aug = {}
     if augment and any(a.strip().lower() == "none" for a in augment):
         from pllcli.training.augment import AugmentConfig
@@ -96,7 +111,7 @@ def train_cmd(
     cfg = TrainConfig(
         features=str(features), labels=str(labels), outdir=str(outdir), model=model,
         model_options=parse_model_options(model_opt), objectives=objectives, epochs=epochs,
-        batch_size=batch_size, max_frames=max_frames or None, optimizer=optimizer, lr=lr,
+        batch_size=batch_size, clean_share=clean_share, unlabeled_share=unlabeled_share, max_frames=max_frames or None, optimizer=optimizer, lr=lr,
         weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_epochs=warmup,
         restart_epochs=restart_epochs, ema=ema, top_k=top_k, patience=patience,
         valid=str(valid) if valid else None, valid_labels=str(valid_labels) if valid_labels else None,

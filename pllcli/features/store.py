@@ -24,7 +24,7 @@ from pllcli.features.config import FeatureConfig
 
 FORMAT = "pllcli-features"
 FORMAT_VERSION = 1
-FEATURE_CHUNK_ROWS = 1024          # HDF5 chunk of `features`: 1024 frames x F
+FEATURE_CHUNK_ROWS = 256           # HDF5 chunk of `features`: 256 frames x F (64 KiB at F=64 float32)
 _CACHE_BYTES = 32 << 20            # h5py raw-data chunk cache per open handle
 _REQUIRED = ("ids", "offsets", "num_frames", "duration", "path", "features")
 

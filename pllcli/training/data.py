@@ -103,13 +103,22 @@ class LabelTensors:
 
 
 def epoch_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
-                  rank: int = 0, world: int = 1, bucket: int = 32, drop_last: bool = False) -> list[np.ndarray]:
+                  rank: int = 0, world: int = 1, bucket: int = 32, drop_last: bool = False,
+                  groups: list[tuple[np.ndarray, float]] | None = None) -> list[np.ndarray]:
     """Shuffled batches of `rows` for one epoch, identical on every rank before slicing.
 
     Items are shuffled, grouped in chunks of `bucket` batches, sorted by length inside a chunk
     (less padding), cut into batches, and the batches shuffled. With world > 1 each rank gets
-    batches[rank::world], truncated so that all ranks run the same number of steps."""
+    batches[rank::world], truncated so that all ranks run the same number of steps.
+
+    `groups` = [(group_rows, share), ...] (disjoint subsets of `rows`): every batch then holds
+    round(share * batch_size) items of each group, drawn from a fresh permutation of the group
+    each time it is used up (so a small group, e.g. the clean items, is oversampled), and the
+    rest of the batch from the other rows. One epoch is one pass over the other rows (over the
+    groups' rows, cycling, when there are no other rows)."""
     rng = np.random.default_rng([seed, epoch, 7])
+    if groups:
+        return _grouped_batches(np.asarray(rows), lengths, batch_size, rng, rank, world, bucket, groups)
     perm = np.asarray(rows)[rng.permutation(len(rows))]
     out = []
     chunk = batch_size * bucket
@@ -117,11 +126,12 @@ def epoch_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: int, seed: 
         c = perm[s:s + chunk]
         c = c[np.argsort(lengths[c], kind="stable")]
         out += [c[i:i + batch_size] for i in range(0, len(c), batch_size)]
-    if drop_last and len(out) > 1 and len(out[-1]) < batch_size:
-        # keep the ragged tail but not a tiny one
-        pass
     order = rng.permutation(len(out))
     out = [out[i] for i in order]
+    return _rank_slice(out, rank, world)
+
+
+def _rank_slice(out, rank, world):
     if world > 1:
         n = len(out) // world
         if n == 0:
@@ -129,6 +139,42 @@ def epoch_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: int, seed: 
             n = 1
         out = out[rank::world][:n]
     return out
+
+
+def _grouped_batches(rows, lengths, batch_size, rng, rank, world, bucket, groups):
+    groups = [(np.asarray(g, np.int64), float(s)) for g, s in groups if len(g) and float(s) > 0]
+    taken = np.concatenate([g for g, _ in groups]) if groups else np.zeros(0, np.int64)
+    rest = np.setdiff1d(rows, taken)
+    counts = [max(1, int(round(s * batch_size))) for _, s in groups]
+    n_rest = batch_size - sum(counts)
+    if n_rest < 1 or len(rest) == 0:  # groups fill the batch: scale them to batch_size, no rest
+        tot = sum(s for _, s in groups)
+        counts = [max(1, int(round(s / tot * batch_size))) for _, s in groups]
+        n_rest = 0
+        n_batches = max(1, int(np.ceil(sum(len(g) for g, _ in groups) / max(1, sum(counts)))))
+    else:
+        n_batches = int(np.ceil(len(rest) / n_rest))
+    # the rest: length-bucketed exactly like the plain path
+    parts = []
+    if n_rest:
+        perm = rest[rng.permutation(len(rest))]
+        chunk = n_rest * bucket
+        for s in range(0, len(perm), chunk):
+            c = perm[s:s + chunk]
+            c = c[np.argsort(lengths[c], kind="stable")]
+            parts += [c[i:i + n_rest] for i in range(0, len(c), n_rest)]
+        parts = [parts[i] for i in rng.permutation(len(parts))]
+    else:
+        parts = [np.zeros(0, np.int64)] * n_batches
+    streams = []
+    for (g, _), k in zip(groups, counts):
+        need = n_batches * k
+        reps = int(np.ceil(need / len(g)))
+        streams.append(np.concatenate([g[rng.permutation(len(g))] for _ in range(reps)])[:need])
+    out = []
+    for b in range(n_batches):
+        out.append(np.concatenate([parts[b]] + [st[b * k:(b + 1) * k] for st, k in zip(streams, counts)]))
+    return _rank_slice(out, rank, world)
 
 
 class Prefetcher:

@@ -36,6 +36,11 @@ frame_logits]), epoch (0-based), step (global), progress (fractional epoch), epo
 num_classes, task, device, view(k), teacher_out(), forward(x, lengths), augment(x, lengths),
 mask(kind), dist (rank, world_size, gather_rows(index, rows)), cache (per-step dict).
 
+While an objective's weight is 0 (e.g. before its `start`), the trainer does not call `loss` but
+calls `observe(ctx)` (no gradient): objectives with per-item state use it to keep that state
+current (PRODEN re-estimates its confidences from the warming-up model), so that when the weight
+turns on the state already carries what the model has learnt.
+
 Objectives with per-item state (e.g. PRODEN confidences) keep it in tensors returned by
 `state_dict()` so that `--resume` restores it; `metrics()` adds figures to the epoch log.
 """
@@ -123,6 +128,9 @@ class Objective:
 
     def loss(self, ctx: "StepContext"):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def observe(self, ctx: "StepContext") -> None:
+        """Called instead of `loss` while the weight is 0 (under no_grad); default: nothing."""
 
     def end_epoch(self, epoch: int) -> None:
         """Called after each training epoch."""

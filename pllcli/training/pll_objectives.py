@@ -129,6 +129,13 @@ class Proden(_BufferedPLL):
         self.buf.set(idx, pll.proden_confidence(logits.detach(), cand, self.eps), self._dist)
         return out
 
+    def observe(self, ctx):
+        """Warm-up (weight 0): confidences still follow the model, restricted to the candidates."""
+        m = ctx.mask("candidates")
+        if m.any():
+            idx, cand = ctx.batch["index"][m], ctx.batch["candidates"][m]
+            self.buf.set(idx, pll.proden_confidence(ctx.out["logits"][m].detach(), cand, self.eps), self._dist)
+
 
 register_objective("rc")(type("RC", (Proden,), {"__doc__": "RC: same as proden (alias)."}))
 register_objective("proden")(Proden)

@@ -48,6 +48,8 @@ class TrainConfig:
     objectives: list = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
     epochs: int = 30
     batch_size: int = 64
+    clean_share: float = 0.0
+    unlabeled_share: float = 0.0
     max_frames: int | None = 300
     optimizer: str = "adamw"
     lr: float = 3e-3
@@ -289,6 +291,31 @@ def _select_rows(objectives, lab, label_rows) -> np.ndarray:
     return np.flatnonzero(m)
 
 
+def default_ema(objectives, decay: float = 0.99) -> float:
+    """EMA decay to use when --ema is not given: `decay` if any objective needs an EMA teacher
+    (objective attribute `needs_teacher`, e.g. mean-teacher), else 0 (off)."""
+    from pllcli.training.objectives import build_objective
+    return decay if any(getattr(build_objective(o), "needs_teacher", False) for o in objectives) else 0.0
+
+
+def _batch_groups(cfg: TrainConfig, rows, lab, label_rows):
+    """[(rows, share)] for epoch_batches: clean items (--clean-share), unlabeled (--unlabeled-share)."""
+    for k in ("clean_share", "unlabeled_share"):
+        v = getattr(cfg, k)
+        if not 0 <= v < 1:
+            raise UsageError(f"--{k.replace('_', '-')} must be in [0, 1), got {v}")
+    if cfg.clean_share + cfg.unlabeled_share >= 1:
+        raise UsageError("--clean-share + --unlabeled-share must be < 1")
+    lr = label_rows[rows]
+    groups = []
+    if cfg.clean_share > 0:
+        groups.append((rows[lab.clean[lr] >= 0], cfg.clean_share))
+    if cfg.unlabeled_share > 0:
+        groups.append((rows[lab.unlabeled[lr] & (lab.clean[lr] < 0)], cfg.unlabeled_share))
+    groups = [g for g in groups if len(g[0])]
+    return groups or None
+
+
 def _rng_state() -> dict:
     import random
     import torch
@@ -483,7 +510,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if dist.main:
         outdir.mkdir(parents=True, exist_ok=True)
     lengths_all = mem.num_frames
-    steps_per_epoch = len(epoch_batches(rows, lengths_all, cfg.batch_size, cfg.seed, 0, dist.rank, dist.world))
+    groups = _batch_groups(cfg, rows, lab, label_rows)
+
+    def batches_for(epoch):
+        return epoch_batches(rows, lengths_all, cfg.batch_size, cfg.seed, epoch, dist.rank, dist.world,
+                             groups=groups)
+    steps_per_epoch = len(batches_for(0))
     total_steps = steps_per_epoch * cfg.epochs
 
     def fwd(x, lengths, model=model):
@@ -514,7 +546,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model.train()
         if cfg.freeze:
             model.encoder.eval()
-        batches = epoch_batches(rows, lengths_all, cfg.batch_size, cfg.seed, epoch, dist.rank, dist.world)
+        batches = batches_for(epoch)
         pf = Prefetcher(make_batch, batches, thread=cfg.prefetch and mem.device.type == "cpu")
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
@@ -534,6 +566,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             for o in objectives:
                 w = o.weight(progress)
                 if w == 0:
+                    with torch.no_grad():
+                        o.observe(ctx)
                     continue
                 lo = o.loss(ctx)
                 if lo is None:
