@@ -110,6 +110,7 @@ def main(argv=None):
     ap.add_argument("--when-epochs", type=int, default=None, help="epochs of the WHEN-only runs (default --epochs)")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N train/test clips (smoke test)")
     ap.add_argument("--base-when-pooling", default="mmm", help="WHEN loss of the base separate run")
+    ap.add_argument("--base-who-sampler", default="random", help="WHO sampler of the base run: random|balanced")
     ap.add_argument("--only", nargs="*", default=None, help="run names to run (default all)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -155,8 +156,9 @@ def main(argv=None):
     base = dict(epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, lr=a.lr)
     wbase = dict(base, epochs=a.when_epochs or a.epochs)
     teacher = net(False)
-    base_name = f"separate_{a.base_when_pooling}_hnh"
-    pA = run(base_name, teacher, WeakConfig(mode="separate", when_pooling=a.base_when_pooling, **base))
+    base_name = f"separate_{a.base_when_pooling}_hnh" + ("_balanced" if a.base_who_sampler == "balanced" else "")
+    pA = run(base_name, teacher, WeakConfig(mode="separate", when_pooling=a.base_when_pooling,
+                                           who_sampler=a.base_who_sampler, **base))
     if pA is not None:
         results[base_name].update(event_metrics(D, pA["when"], pA["who"], pA["frame_lengths"], hop_out))
     for pooling in ("mmm", "max", "noisy_or", "attention"):

@@ -136,15 +136,20 @@ def write_events_tsv(path, rows: Iterable[tuple]) -> None:
     write_text_atomic(path, format_events_tsv(rows))
 
 
-def write_frame_scores_tsv(path, items: Iterable[tuple[str, np.ndarray]], classes: Sequence[str],
-                           hop: float) -> None:
-    """Frame scores as TSV: id, onset, offset, then one column per class (4 decimals)."""
+def write_frame_scores_tsv(path, items: Iterable[tuple], classes: Sequence[str],
+                           hop: float | None = None) -> None:
+    """Frame scores as TSV: id, onset, offset, then one column per class (4 decimals).
+
+    `items` are (id, scores (T, C)) with the common `hop`, or (id, scores, hop) per item."""
     lines = ["\t".join(["id", "onset", "offset", *map(str, classes)])]
-    for cid, sc in items:
-        sc = np.asarray(sc)
+    for item in items:
+        cid, sc = item[0], np.asarray(item[1])
+        hop_i = item[2] if len(item) > 2 else hop
+        if hop_i is None:
+            raise UsageError("write_frame_scores_tsv: no hop given")
         sc = sc[:, None] if sc.ndim == 1 else sc
         for t, row in enumerate(sc):
-            lines.append("\t".join([cid, f"{t * hop:.3f}", f"{(t + 1) * hop:.3f}",
+            lines.append("\t".join([cid, f"{t * hop_i:.3f}", f"{(t + 1) * hop_i:.3f}",
                                     *(f"{v:.4f}" for v in row)]))
     write_text_atomic(path, "\n".join(lines) + "\n")
 

@@ -25,6 +25,7 @@ def infer(model, feats, rows=None, device="cpu", batch_size: int = 64, max_frame
     pad = getattr(getattr(getattr(model, "encoder", None), "norm", None), "mean", None)
     pad = pad.detach().to(feats.device) if pad is not None else None
     res: dict[str, list] = {k: [] for k in outputs}
+    frame_lens: list[np.ndarray] = []
     was = model.training
     model.eval()
     dev = torch.device(device)
@@ -36,11 +37,28 @@ def infer(model, feats, rows=None, device="cpu", batch_size: int = 64, max_frame
             with torch.autocast(dev.type, enabled=amp and dev.type == "cuda"):
                 out = model(x, lens)
             for k in outputs:
+                if k not in out:
+                    raise UsageError(f"this model has no {k!r} output (a frame-level model such as "
+                                     f"crnn or whenwho gives frame_logits)")
                 res[k].append(out[k].float().cpu().numpy())
+            if "frame_logits" in outputs:
+                t_out, t_in = out["frame_logits"].shape[1], x.shape[1]
+                frame_lens.append(np.minimum(t_out, np.ceil(lens.cpu().numpy() * t_out / t_in)).astype(np.int64))
     model.train(was)
     inv = np.empty_like(order)
     inv[order] = np.arange(len(order))
-    return {k: (np.concatenate(v)[inv] if v else np.zeros((0,), np.float32)) for k, v in res.items()}
+    result = {}
+    for k, v in res.items():
+        if not v:
+            result[k] = np.zeros((0,), np.float32)
+            continue
+        if v[0].ndim == 3:  # (B, T', C): batches differ in T'; pad with a very low logit
+            t_max = max(a.shape[1] for a in v)
+            v = [np.pad(a, ((0, 0), (0, t_max - a.shape[1]), (0, 0)), constant_values=-30.0) for a in v]
+        result[k] = np.concatenate(v)[inv]
+    if frame_lens:
+        result["frame_lengths"] = np.concatenate(frame_lens)[inv]
+    return result
 
 
 def probabilities(logits: np.ndarray, task: str = "single") -> np.ndarray:
@@ -76,8 +94,11 @@ def _open_features(path):
 
 
 def predict(checkpoint, features, out="-", top_k_n: int = 1, restrict_labels=None, device="auto",
-            batch_size: int = 64, fmt: str | None = None) -> dict:
-    """Write top-k labels with probabilities for every item of a feature store."""
+            batch_size: int = 64, fmt: str | None = None, events: str | None = None,
+            frame_scores: str | None = None, threshold: float = 0.5, median: int = 1,
+            min_duration: float = 0.0) -> dict:
+    """Write top-k labels with probabilities for every item of a feature store; for frame-level
+    models optionally also frame scores and thresholded events (id, onset, offset, label) as TSV."""
     from pllcli.checkpoint import check_feature_config, load_model
     from pllcli.runtime import resolve_device
     from pllcli.training.data import InMemoryFeatures
@@ -91,8 +112,15 @@ def predict(checkpoint, features, out="-", top_k_n: int = 1, restrict_labels=Non
     task = meta.get("task", "single")
     feats, offsets = fs.load_all()
     mem = InMemoryFeatures(feats, offsets, dev)
-    logits = infer(model, mem, None, dev, batch_size, amp=dev.type == "cuda")["logits"]
+    want_frames = events is not None or frame_scores is not None
+    res = infer(model, mem, None, dev, batch_size, amp=dev.type == "cuda",
+                outputs=("logits", "frame_logits") if want_frames else ("logits",))
+    logits = res["logits"]
     probs = probabilities(logits, task)
+    n_events = None
+    if want_frames:
+        n_events = _write_frame_outputs(fs, classes, res["frame_logits"], res["frame_lengths"], events,
+                                        frame_scores, threshold, median, min_duration)
     restricted = 0
     if restrict_labels is not None:
         from pllcli.labels.store import align_ids, read_label_store
@@ -106,7 +134,34 @@ def predict(checkpoint, features, out="-", top_k_n: int = 1, restrict_labels=Non
         probs = restrict_to_candidates(probs, cand, renormalize=task != "multi")
     idx, p = top_k(probs, top_k_n)
     write_predictions(out, fs.ids, idx, p, classes, fmt)
-    return {"items": len(fs.ids), "top_k": top_k_n, "restricted": restricted, "out": str(out)}
+    summary = {"items": len(fs.ids), "top_k": top_k_n, "restricted": restricted, "out": str(out)}
+    if n_events is not None:
+        summary["events"] = n_events
+    return summary
+
+
+def _write_frame_outputs(fs, classes, frame_logits, frame_lengths, events, frame_scores, threshold,
+                         median, min_duration) -> int:
+    """Frame probabilities (sigmoid of frame_logits) -> events TSV and/or frame-score TSV.
+
+    Each item's hop is its duration over its number of valid output frames."""
+    from pllcli.events import decode_events, frame_hop, write_events_tsv, write_frame_scores_tsv
+    if not 0.0 < threshold < 1.0:
+        raise UsageError("--threshold must be in (0, 1)")
+    probs = 1.0 / (1.0 + np.exp(-frame_logits))
+    lengths = np.maximum(1, frame_lengths.astype(np.int64))
+    hops = [frame_hop(float(d), int(t)) for d, t in zip(fs.durations, lengths)]
+    rows = []
+    for i, item in enumerate(fs.ids):
+        for e in decode_events(probs[i, :lengths[i]], classes, hops[i], threshold, median=median,
+                               min_duration=min_duration, duration=float(fs.durations[i])):
+            rows.append((str(item), e.onset, e.offset, e.label))
+    if events is not None:
+        write_events_tsv(events, rows)
+    if frame_scores is not None:
+        write_frame_scores_tsv(frame_scores, [(str(item), probs[i, :lengths[i]], hops[i])
+                                              for i, item in enumerate(fs.ids)], classes)
+    return len(rows)
 
 
 def write_predictions(out, ids, idx, p, classes, fmt=None) -> None:

@@ -8,6 +8,8 @@ import typer
 
 from pllcli.cli._options import BatchSize, CheckpointPath, Device, FeatureStorePath, JsonOut
 
+_EV = "Frame-level outputs"
+
 
 def predict_cmd(
     checkpoint: CheckpointPath,
@@ -17,14 +19,28 @@ def predict_cmd(
     restrict_candidates: Annotated[Optional[Path], typer.Option(
         "--restrict-candidates", help="Label store: restrict each item to its candidate set "
                                       "(disambiguates training data).")] = None,
+    events: Annotated[Optional[str], typer.Option(
+        "--events", metavar="FILE", help="Frame-level models: write thresholded events (id onset offset "
+                                         "label) as TSV ('-' = stdout).", rich_help_panel=_EV)] = None,
+    frame_scores: Annotated[Optional[str], typer.Option(
+        "--frame-scores", metavar="FILE", help="Frame-level models: write per-frame class probabilities "
+                                               "as TSV.", rich_help_panel=_EV)] = None,
+    threshold: Annotated[float, typer.Option("--threshold", help="Event threshold on frame probability.",
+                                             rich_help_panel=_EV)] = 0.5,
+    median: Annotated[int, typer.Option("--median", min=1, help="Median filter length in frames (odd).",
+                                        rich_help_panel=_EV)] = 1,
+    min_duration: Annotated[float, typer.Option("--min-duration", min=0.0, help="Drop events shorter than "
+                                                "this (seconds).", rich_help_panel=_EV)] = 0.0,
     device: Device = "auto",
     batch_size: BatchSize = 64,
     json_out: JsonOut = None,
 ):
-    """Predict labels for a feature store with a trained checkpoint."""
+    """Predict labels for a feature store with a trained checkpoint (and events for frame-level models)."""
     from pllcli.io import write_json
     from pllcli.predict import predict
-    summary = predict(checkpoint, features, out, top_k, restrict_candidates, device, batch_size)
+    summary = predict(checkpoint, features, out, top_k, restrict_candidates, device, batch_size,
+                      events=events, frame_scores=frame_scores, threshold=threshold, median=median,
+                      min_duration=min_duration)
     write_json(summary, json_out)
 
 

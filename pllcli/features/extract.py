@@ -309,11 +309,48 @@ def _prepare_parts_dir(parts_dir: Path, config: FeatureConfig, chunk_size: int, 
     return done, info
 
 
+def _run_parallel(tasks, workers: int, handle: Callable[[dict], None]) -> None:
+    """Run chunk tasks on `workers` forked processes plus the calling process (N jobs = parent + N-1).
+
+    The parent keeps up to two tasks per worker queued, works on a chunk itself whenever the
+    queue is full, and hands every result (its own and the workers') to `handle`, which
+    writes the output. Fewer forks and less pickling than N pure workers.
+    """
+    import multiprocessing as mp
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    it = iter(tasks)
+    inflight: list = []
+    with ctx.Pool(workers, initializer=_init_worker) as pool:
+        while True:
+            while len(inflight) < 2 * workers:
+                task = next(it, None)
+                if task is None:
+                    break
+                inflight.append(pool.apply_async(process_chunk, (task,)))
+            done_now = [r for r in inflight if r.ready()]
+            for r in done_now:
+                inflight.remove(r)
+                handle(r.get())
+            if done_now:
+                continue
+            task = next(it, None)
+            if task is not None:
+                handle(process_chunk(task))
+                continue
+            if not inflight:
+                break
+            r = inflight.pop(0)
+            handle(r.get())
+
+
 def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int = 1,
               shard: tuple[int, int] = (0, 1), chunk_size: int = DEFAULT_CHUNK, strict: bool = False,
               overwrite: bool = False, extensions: Sequence[str] = AUDIO_EXTENSIONS,
               progress: bool = True, on_chunk: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Featurize `src` (manifest, '-' or directory) into the store `out`; returns the summary dict."""
+    import h5py  # noqa: F401  - heavy imports before the clock: wall_seconds is the work itself
+    import torch  # noqa: F401
+
     from pllcli.io import provenance
     t0 = time.perf_counter()
     out = Path(out)
@@ -423,21 +460,17 @@ def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int
 
     try:
         drain()  # chunks finished by an earlier run
-        if jobs == 1 or len(todo) <= 1:
-            import torch
-            prev = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
+        import torch
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if jobs == 1 or len(todo) <= 1:
                 for task in tasks:
                     handle(process_chunk(task))
-            finally:
-                torch.set_num_threads(prev)
-        else:
-            import multiprocessing as mp
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with ctx.Pool(min(jobs, len(todo)), initializer=_init_worker) as pool:
-                for res in pool.imap_unordered(process_chunk, tasks):
-                    handle(res)
+            else:
+                _run_parallel(tasks, jobs - 1, handle)
+        finally:
+            torch.set_num_threads(prev)
         drain()
         if state["next"] != len(chunks):  # pragma: no cover - would be a bug
             raise RuntimeError(f"assembled {state['next']} of {len(chunks)} chunks")

@@ -3,7 +3,10 @@
 Both modules split into `power(waveform) -> (B, T, n_freq)` and `mel(power) -> (B, T, F)`;
 featurize applies `mel` per clip on the clip's own frames so that a clip's numbers do not
 depend on which clips share its batch (GEMM kernels vary with the matrix size).
-Both modules hold their window and filterbank as buffers, so a saved or exported module
+While torch.onnx / torch.export trace them (or with `module.export_mode = True`) both
+modules switch to export-friendly ops: framing and DFT as conv1d / matmul with a windowed
+real DFT basis, so the exported graph has no stft, unfold or complex tensors; the numbers
+agree with the FFT path to float32 rounding (tests/test_features.py). Both modules hold their window and filterbank as buffers, so a saved or exported module
 needs no torchaudio at run time. Framing is snip-edges (see `pllcli.features.config`).
 """
 from __future__ import annotations
@@ -12,6 +15,22 @@ import torch
 from torch import nn
 
 from pllcli.features.config import FeatureConfig
+
+
+def _exporting() -> bool:
+    """True while torch.onnx / torch.jit tracing / torch.export captures the graph."""
+    checks = (getattr(torch.onnx, "is_in_onnx_export", None), getattr(torch.jit, "is_tracing", None),
+              getattr(getattr(torch, "compiler", None), "is_exporting", None))
+    return any(f is not None and f() for f in checks)
+
+
+def _dft_basis(n_fft: int, n: int, window: torch.Tensor) -> torch.Tensor:
+    """Real DFT basis (n, 2 * (n_fft//2 + 1)) for frames of n samples (zero-padded to n_fft), window folded in."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    f = torch.arange(n_fft // 2 + 1, dtype=torch.float64)[None, :]
+    ang = 2 * torch.pi * k * f / n_fft
+    w = window.to(torch.float64)[:, None]
+    return torch.cat([torch.cos(ang) * w, -torch.sin(ang) * w], dim=1).to(torch.float32)
 
 
 class LogMel(nn.Module):
@@ -24,6 +43,7 @@ class LogMel(nn.Module):
         super().__init__()
         import torchaudio.functional as AF
         c = config
+        self.export_mode = False  # True: export-friendly ops (also switched on while exporting)
         self.n_fft, self.hop = c.n_fft, c.hop_length
         self.log_offset = float(c.log_offset)
         win = torch.hann_window(c.win_length, periodic=True, dtype=torch.float32)
@@ -38,11 +58,22 @@ class LogMel(nn.Module):
     def power(self, waveform: torch.Tensor) -> torch.Tensor:
         """(B, S) -> power spectrum (B, T, n_freq)."""
         x = waveform.to(torch.float32)
+        if self.export_mode or _exporting():
+            return self._power_export(x)
         if x.shape[-1] < self.n_fft:
             x = nn.functional.pad(x, (0, self.n_fft - x.shape[-1]))
         spec = torch.stft(x, self.n_fft, self.hop, self.n_fft, self.window, center=False,
                           return_complex=True)  # (B, n_freq, T)
         return (spec.real.square() + spec.imag.square()).transpose(1, 2)
+
+    def _power_export(self, x: torch.Tensor) -> torch.Tensor:
+        """Export-friendly power spectrum: conv1d with a windowed DFT basis (no complex, no stft op).
+        Needs S >= n_fft (export a graph, then feed clips of at least one frame)."""
+        basis = _dft_basis(self.n_fft, self.n_fft, self.window).T.unsqueeze(1)  # (2 n_freq, 1, n_fft)
+        y = nn.functional.conv1d(x.unsqueeze(1), basis, stride=self.hop)  # (B, 2 n_freq, T)
+        nf = self.n_fft // 2 + 1
+        re, im = y[:, :nf], y[:, nf:]
+        return (re * re + im * im).transpose(1, 2)
 
     def mel(self, power: torch.Tensor) -> torch.Tensor:
         """(B, T, n_freq) -> (B, T, n_mels)."""
@@ -65,6 +96,7 @@ class KaldiFbank(nn.Module):
         super().__init__()
         from torchaudio.compliance.kaldi import get_mel_banks
         c = config
+        self.export_mode = False  # True: export-friendly ops (also switched on while exporting)
         self.win, self.hop, self.n_fft = c.win_length, c.hop_length, c.n_fft
         self.floor = float(c.log_offset)
         window = torch.hann_window(c.win_length, periodic=False, dtype=torch.float32).pow(0.85)
@@ -77,12 +109,21 @@ class KaldiFbank(nn.Module):
     def power(self, waveform: torch.Tensor) -> torch.Tensor:
         """(B, S) -> power spectrum (B, T, n_fft//2 + 1)."""
         x = waveform.to(torch.float32)
-        if x.shape[-1] < self.win:
-            x = nn.functional.pad(x, (0, self.win - x.shape[-1]))
-        frames = x.unfold(-1, self.win, self.hop)  # (B, T, win)
+        export = self.export_mode or _exporting()
+        if export:  # framing by an identity conv instead of unfold (not exportable)
+            eye = torch.eye(self.win, dtype=torch.float32).unsqueeze(1)  # (win, 1, win)
+            frames = nn.functional.conv1d(x.unsqueeze(1), eye, stride=self.hop).transpose(1, 2)
+        else:
+            if x.shape[-1] < self.win:
+                x = nn.functional.pad(x, (0, self.win - x.shape[-1]))
+            frames = x.unfold(-1, self.win, self.hop)  # (B, T, win)
         frames = frames - frames.mean(dim=-1, keepdim=True)
         prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
         frames = (frames - self.preemph * prev) * self.window
+        if export:
+            y = torch.matmul(frames, _dft_basis(self.n_fft, self.win, torch.ones(self.win)))
+            nf = self.n_fft // 2 + 1
+            return y[..., :nf].square() + y[..., nf:].square()
         spec = torch.fft.rfft(frames, n=self.n_fft)  # zero-pads to n_fft
         return spec.real.square() + spec.imag.square()
 

@@ -29,6 +29,7 @@ def register_model(name: str, help: str = ""):
 
 def _load_builtin() -> None:
     from pllcli.models import convgru, crnn, densenet, mobilenet  # noqa: F401
+    import pllcli.training.weak  # noqa: F401  (registers the WHEN/WHO model)
 
 
 def list_models() -> dict[str, str]:

@@ -1,0 +1,71 @@
+"""`predict` on frame-level models: frame scores and thresholded events."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pllcli.errors import UsageError
+from pllcli.predict import _write_frame_outputs
+from tests.conftest import run_cli
+
+
+def _logit(p):
+    p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def test_events_from_frame_logits_exact(tmp_path):
+    # item a: 1.0 s, 10 valid frames of 0.1 s; class "x" active on frames 2-4, "y" on 7-9.
+    # item b: 0.5 s, 5 valid frames (0.1 s each) then padding that must be ignored.
+    pa = np.full((10, 2), 0.1)
+    pa[2:5, 0] = 0.9
+    pa[7:10, 1] = 0.8
+    pb = np.full((10, 2), 0.1)
+    pb[5:, 0] = 0.99  # padding region: beyond b's 5 valid frames
+    fl = _logit(np.stack([pa, pb]))
+    fs = SimpleNamespace(ids=np.array(["a", "b"]), durations=np.array([1.0, 0.5]))
+    ev, sc = tmp_path / "ev.tsv", tmp_path / "sc.tsv"
+    n = _write_frame_outputs(fs, ["x", "y"], fl, np.array([10, 5]), str(ev), str(sc), 0.5, 1, 0.0)
+    assert n == 2
+    lines = ev.read_text().splitlines()
+    rows = [ln.split("\t") for ln in lines[1:]]
+    got = [(r[0], float(r[1]), float(r[2]), r[3]) for r in rows]
+    assert got == [("a", pytest.approx(0.2), pytest.approx(0.5), "x"), ("a", pytest.approx(0.7), pytest.approx(1.0), "y")]
+    srows = [ln.split("\t") for ln in sc.read_text().splitlines()]
+    assert srows[0] == ["id", "onset", "offset", "x", "y"]
+    assert sum(r[0] == "a" for r in srows[1:]) == 10 and sum(r[0] == "b" for r in srows[1:]) == 5
+    assert float(srows[3][3]) == pytest.approx(0.9, abs=1e-4)  # a, frame 2, class x
+    with pytest.raises(UsageError, match="threshold"):
+        _write_frame_outputs(fs, ["x", "y"], fl, np.array([10, 5]), str(ev), None, 1.5, 1, 0.0)
+
+
+def test_cli_predict_events_with_untrained_crnn(tmp_path):
+    from pllcli.checkpoint import save_checkpoint
+    from pllcli.features import FeatureConfig, write_feature_store
+    from pllcli.models import build_model
+
+    cfg = FeatureConfig.preset("speech8k", n_mels=16)
+    rng = np.random.default_rng(0)
+    lens = [30, 57, 100, 12, 81]  # different lengths -> different T' per batch
+    items = [{"id": f"c{i}", "features": rng.standard_normal((t, 16)).astype(np.float32),
+              "duration": t * 0.01} for i, t in enumerate(lens)]
+    write_feature_store(tmp_path / "f.h5", cfg, items)
+    model = build_model("crnn", n_mels=16, num_classes=3)
+    meta = {"kind": "classifier", "model": model.config, "classes": ["a", "b", "c"], "task": "multi",
+            "feature_config": cfg.to_dict(), "feature_config_hash": cfg.hash()}
+    save_checkpoint(tmp_path / "m.pt", model, meta)
+    r = run_cli("predict", tmp_path / "m.pt", tmp_path / "f.h5", "-o", tmp_path / "p.csv", "-b", "2",
+                "--events", tmp_path / "ev.tsv", "--frame-scores", tmp_path / "fs.tsv", "--threshold", "0.01")
+    assert r.returncode == 0, r.stderr
+    ev = [ln.split("\t") for ln in (tmp_path / "ev.tsv").read_text().splitlines()[1:]]
+    dur = {it["id"]: it["duration"] for it in items}
+    assert ev and all(0 <= float(o) < float(f) <= dur[i] + 1e-6 for i, o, f, _ in ev)
+    fsr = [ln.split("\t") for ln in (tmp_path / "fs.tsv").read_text().splitlines()[1:]]
+    assert {r_[0] for r_ in fsr} == set(dur)
+    for cid in dur:  # the last frame of each clip ends at its duration
+        assert max(float(r_[2]) for r_ in fsr if r_[0] == cid) == pytest.approx(dur[cid], abs=1e-3)
+    # a clip-level model has no frame outputs: clear error, no traceback
+    m2 = build_model("convgru", n_mels=16, num_classes=3)
+    save_checkpoint(tmp_path / "m2.pt", m2, dict(meta, model=m2.config))
+    r = run_cli("predict", tmp_path / "m2.pt", tmp_path / "f.h5", "--events", tmp_path / "e2.tsv")
+    assert r.returncode == 2 and "frame_logits" in r.stderr and "Traceback" not in r.stderr
