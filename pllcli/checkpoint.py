@@ -49,13 +49,16 @@ def load_checkpoint(path: str | os.PathLike, with_extra: bool = False):
         raise CheckpointError(f"{p}: no such checkpoint")
     if p.is_dir():
         raise CheckpointError(f"{p}: is a directory (give best.pt, last.pt or averaged.pt inside it)")
+    import zipfile
+    if not zipfile.is_zipfile(p):  # torch.save writes a zip archive; anything else is foreign
+        raise CheckpointError(f"{p}: not a pllcli checkpoint (not a torch.save archive)")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"{p}: refused to load: not a plain-tensor checkpoint "
                               f"(it carries pickled objects; {first[:120]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - the restricted unpickler fails in many ways on foreign bytes
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{p}: not a readable checkpoint ({msg[:160]})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or "meta" not in obj or "state" not in obj:

@@ -85,3 +85,12 @@ def test_pickle_payload_refused(tmp_path):
         load_checkpoint(r)
     with pytest.raises(CheckpointError, match="no such"):
         load_checkpoint(tmp_path / "missing.pt")
+    # text and truncated archives are refused with a clear message, not an unpickler crash
+    t = tmp_path / "text.pt"
+    t.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(CheckpointError, match="not a torch.save archive"):
+        load_checkpoint(t)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(r.read_bytes()[:200])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(cut)

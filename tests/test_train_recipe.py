@@ -102,10 +102,12 @@ def _captured(monkeypatch, capsys, *args):
 
 def test_cli_alpha_ema_default_and_shares(monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(tmp_path)
-    from pllcli.training.trainer import DEFAULT_OBJECTIVES
+    from pllcli.training.trainer import DEFAULT_CLEAN_SHARE, DEFAULT_OBJECTIVES, TrainConfig
     r, cfg = _captured(monkeypatch, capsys)
     assert r.returncode == 0, r.stderr
-    assert cfg.objectives == list(DEFAULT_OBJECTIVES) and cfg.ema == 0.0 and cfg.clean_share == 0.25
+    assert cfg.objectives == list(DEFAULT_OBJECTIVES) and cfg.ema == 0.0
+    assert cfg.clean_share == DEFAULT_CLEAN_SHARE == TrainConfig.clean_share
+    assert cfg.epochs == TrainConfig.epochs
     r, cfg = _captured(monkeypatch, capsys, "--alpha", "0.3", "--labeled-share", "0.5", "--unlabeled-share", "0.2")
     assert cfg.objectives[-1] == "distill:alpha=0.3" and cfg.objectives[:-1] == list(DEFAULT_OBJECTIVES)
     assert cfg.clean_share == 0.5 and cfg.unlabeled_share == 0.2

@@ -17,8 +17,9 @@ def train_cmd(
     model_opt: Annotated[Optional[list[str]], typer.Option(
         "--model-opt", help="Model option KEY=VALUE (repeatable), e.g. width=16.")] = None,
     objective: Annotated[Optional[list[str]], typer.Option(
-        "--objective", help="NAME[:KEY=VALUE,...] (repeatable); default 'proden:eps=0.01' + 'ce'. Common keys: "
-                            "weight, schedule (constant|linear|sigmoid), start, end.")] = None,
+        "--objective", help="NAME[:KEY=VALUE,...] (repeatable); default 'proden:eps=0.01,start=3' + 'ce' (clean warm "
+                            "start for 3 epochs, then PRODEN with the candidate weights as prior). Common "
+                            "keys: weight, schedule (constant|linear|sigmoid), start, end.")] = None,
     pll: Annotated[Optional[str], typer.Option(
         "--pll", help="Shortcut: the candidate-set loss (cc, proden, rc, lws, pico, cr, mse) with defaults.")] = None,
     alpha: Annotated[Optional[float], typer.Option(

@@ -7,6 +7,9 @@ Prior and robustness. The label store's candidate weights act as a prior over th
 eps > 0 leaves a little mass outside the set, so that an item whose true label was typed too
 late (missing from its set) can still move its confidence onto a confident non-candidate.
 
+The default recipe of `pllcli train` (trainer module docstring) is CE on clean items, plus
+PRODEN after a clean warm start, with the delay-prior weights as pi and eps = 0.01.
+
 Losses (p = softmax(logits)):
 - CC (Feng et al. 2020):               L = -log sum_j pi_j p_j
 - PRODEN / RC (Lv 2020, Feng 2020):    L = -sum_j c_j log p_j,  c re-estimated as

@@ -1,6 +1,11 @@
 """Built-in objectives: supervised CE on clean items and the partial-label losses of
 `pllcli.losses.pll` (formulas there). Candidate items include clean items as singleton sets
-(batch["candidates"] holds their one-hot), so a PLL objective alone uses every labelled item."""
+(batch["candidates"] holds their one-hot), so a PLL objective alone uses every labelled item.
+
+The confidence-based objectives (proden/rc, lws, cr, pico) initialise an item's confidences on
+first sight from its candidate weights (the prior), and keep re-estimating them at every step
+while their weight is still 0 (`observe`, e.g. `proden:start=3`): the default recipe's warm
+start (see `pllcli.training.trainer`)."""
 from __future__ import annotations
 
 import torch
@@ -161,6 +166,12 @@ class LWS(_BufferedPLL):
         self.buf.set(idx, pll.lws_confidence(logits.detach(), cand), self._dist)
         return out
 
+    def observe(self, ctx):
+        m = ctx.mask("candidates")
+        if m.any():
+            idx, cand = ctx.batch["index"][m], ctx.batch["candidates"][m]
+            self.buf.set(idx, pll.lws_confidence(ctx.out["logits"][m].detach(), cand), self._dist)
+
 
 @register_objective("pico")
 class PiCO(_BufferedPLL):
@@ -231,6 +242,12 @@ class CRDPLL(_BufferedPLL):
             pll.kl_to_target(l1, conf) + pll.kl_to_target(l2, conf)).mean()
         self.buf.set(idx, pll.cr_confidence([l1.detach(), l2.detach()], cand, self.eps), self._dist)
         return out
+
+    def observe(self, ctx):
+        m = ctx.mask("candidates")
+        if m.any():
+            idx, cand = ctx.batch["index"][m], ctx.batch["candidates"][m]
+            self.buf.set(idx, pll.cr_confidence([ctx.out["logits"][m].detach()], cand, self.eps), self._dist)
 
 
 @register_objective("mse")

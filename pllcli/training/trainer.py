@@ -4,7 +4,21 @@
 
 Data: the feature store is loaded into memory once (`FeatureStore.load_all`) and batched with a
 vectorised gather (random crops, padding); labels come from the label store joined by id.
-Loss: the sum of objectives (see `objectives`), each weighted by its schedule. Outputs in OUTDIR:
+Loss: the sum of objectives (see `objectives`), each weighted by its schedule.
+
+Default recipe (DEFAULT_OBJECTIVES, clean_share; measured on chat-fsdd by examples/bench_chat.py):
+
+  1. warm start, epochs [0, W): L = CE(clean items); every batch holds `clean_share` (25%) clean
+     items, oversampled. PRODEN's weight is 0, but its confidences are still re-estimated at
+     every step from the current model restricted to the candidates and the prior
+     (`Objective.observe`):  c_ij <- pi_ij p_ij / sum_k pi_ik p_ik,
+     pi_ij = w_ij / max_k w_ik inside the set (the label store's delay-prior weights), eps outside.
+     First-sight confidences are the normalised prior w_ij / sum_k w_ik.
+  2. epochs [W, E): L = CE(clean) + PRODEN(candidate items) = -sum_j c_ij log p_ij, with c
+     re-estimated (formula above) after every step, from the item's own forward pass.
+  eps > 0 keeps a little mass outside the set for items whose true label was typed late.
+
+Outputs in OUTDIR:
 best.pt, last.pt (with optimiser/RNG/objective state for --resume), averaged.pt (top-k
 checkpoint average), log.jsonl (one line per epoch), summary.json.
 Under `torchrun` (WORLD_SIZE > 1) it runs data-parallel: rank-aware batch slicing, gradients
@@ -30,7 +44,8 @@ from pllcli.errors import CheckpointError, ConfigMismatchError, InputError, Trai
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OBJECTIVES = ("proden:eps=0.01", "ce")
+DEFAULT_OBJECTIVES = ("proden:eps=0.01,start=3", "ce")  # see the module docstring
+DEFAULT_CLEAN_SHARE = 0.25
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("cosine", "cosine-restarts", "onecycle", "poly", "constant")
 # config keys that may change between a run and its --resume
@@ -48,7 +63,7 @@ class TrainConfig:
     objectives: list = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
     epochs: int = 30
     batch_size: int = 64
-    clean_share: float = 0.0
+    clean_share: float = DEFAULT_CLEAN_SHARE
     unlabeled_share: float = 0.0
     max_frames: int | None = 300
     optimizer: str = "adamw"
