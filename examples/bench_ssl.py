@@ -1,18 +1,25 @@
 """Benchmark: FSDD spoken digits with few labels (issue 6).
 
 Conventional split: takes 0-4 of every speaker/digit are the test set; of the training takes,
-5 clips per class keep their label and the rest are unlabeled. Reports test accuracy of:
-supervised-only, each semi-supervised objective, contrastive pretrain + fine-tune, pretrain +
-linear probe, the best combination, and full labels.
+`--per-class` clips per class keep their label and the rest are unlabeled. Reports test accuracy of:
+supervised-only, each semi-supervised objective (mean teacher, VAT, mixup, MixMatch, FixMatch),
+contrastive pretrain + fine-tune, pretrain + linear probe (frozen encoder), pretrain + FixMatch,
+a pseudo-label round (teacher ensemble -> `pseudo_label --threshold` -> student), and full labels.
 
     flock /tmp/pllcli-bench.lock python examples/bench_ssl.py /work/shared/data/fsdd/recordings \
-        --work /work/runs/ssl --json /work/runs/ssl/bench_ssl.json
+        --work /work/runs/ssl2 --json /work/runs/ssl2/bench_ssl.json
 
-Notes: the trainer has no labeled/unlabeled batch-ratio sampler, so the labeled clips are
-replicated (`--replicate`, ids "<id>#k") in the training store for the semi-supervised runs so
-that each batch holds labeled items. Evaluation uses last.pt (no validation split: 50 labels).
+Notes
+- Batches: the semi-supervised runs train on one store holding every training clip (50 with a
+  clean label, the rest unlabeled); `TrainConfig.clean_share` (`pllcli train --clean-share`) puts
+  `--clean-share` of every batch on the labelled clips (oversampled), so no replication is needed.
+- Reuse: the feature store, the split stores and the contrastive encoder (pretrained once on all
+  training audio, labelled + unlabeled, never the test takes) are kept in `--work` and reused by
+  later invocations; rows already in `--json` are skipped unless `--redo`. The JSON is rewritten
+  after every row.
+- Evaluation uses last.pt (EMA weights where an EMA is on); there is no validation split (50 labels).
 Everything goes through the library: pllcli.features (featurize), pllcli.training.trainer.train,
-pllcli.pretrain.pretrain.
+pllcli.pretrain.pretrain, pllcli.pseudo_label.pseudo_label.
 """
 from __future__ import annotations
 
@@ -27,11 +34,10 @@ import numpy as np
 CLASSES = [str(d) for d in range(10)]
 
 
-def split_stores(work: Path, src_store: Path, per_class: int, replicate: int, seed: int):
+def split_stores(work: Path, src_store: Path, per_class: int, seed: int):
     from pllcli.features.store import FeatureStore, write_feature_store
     from pllcli.labels.store import LabelData, write_label_store
     fs = FeatureStore(src_store)
-    feats, offs = fs.load_all()
     ids = [str(i) for i in fs.ids]
     digit = np.array([int(i.split("_")[0]) for i in ids])
     take = np.array([int(i.split("_")[-1]) for i in ids])
@@ -40,32 +46,32 @@ def split_stores(work: Path, src_store: Path, per_class: int, replicate: int, se
     rng = np.random.default_rng(seed)
     labeled = np.sort(np.concatenate([rng.choice(train[digit[train] == d], per_class, replace=False)
                                       for d in range(10)]))
-
-    def items(rows, suffix=""):
-        for r in rows:
-            yield {"id": ids[r] + suffix, "features": feats[offs[r]:offs[r + 1]], "duration": float(fs.durations[r])}
-
-    def write(name, rows_with_suffix, clean_fn):
-        fpath, lpath = work / f"{name}_feats.h5", work / f"{name}_labels.h5"
-        all_items = [it for rows, suf in rows_with_suffix for it in items(rows, suf)]
-        write_feature_store(fpath, fs.config, all_items)
-        lid = [it["id"] for it in all_items]
-        clean = [clean_fn(i) for i in lid]
-        write_label_store(lpath, LabelData.new(lid, CLASSES, clean=clean), {"bench": name})
-        return fpath, lpath
-
+    sizes = {"train": len(train), "test": len(test), "labeled": len(labeled),
+             "labeled_speakers": sorted({ids[r].split("_")[1] for r in labeled})}
+    tag = f"pc{per_class}_s{seed}"
     lab_set = {ids[r] for r in labeled}
-    base = lambda i: i.split("#")[0]  # noqa: E731
     dig = lambda i: int(i.split("_")[0])  # noqa: E731
-    out = {
-        "test": write("test", [(test, "")], lambda i: dig(i)),
-        "full": write("full", [(train, "")], lambda i: dig(i)),
-        "few": write("few", [(labeled, "")], lambda i: dig(i)),
-        "semi": write("semi", [(train, "")] + [(labeled, f"#{k}") for k in range(1, replicate)],
-                      lambda i: dig(i) if base(i) in lab_set else -1),
-        "unlab": write("unlab", [(train, "")], lambda i: -1),
+    specs = {
+        "test": (test, lambda i: dig(i)),
+        "full": (train, lambda i: dig(i)),
+        "few": (labeled, lambda i: dig(i)),
+        "semi": (train, lambda i: dig(i) if i in lab_set else -1),
     }
-    return out, {"train": len(train), "test": len(test), "labeled": len(labeled)}
+    out = {}
+    feats = offs = None
+    for name, (rows, clean_fn) in specs.items():
+        fpath = work / (f"{name}_feats.h5" if name in ("test", "full") else f"{name}_{tag}_feats.h5")
+        lpath = work / (f"{name}_labels.h5" if name in ("test", "full") else f"{name}_{tag}_labels.h5")
+        if not (fpath.exists() and lpath.exists()):
+            if feats is None:
+                feats, offs = fs.load_all()
+            items = [{"id": ids[r], "features": feats[offs[r]:offs[r + 1]], "duration": float(fs.durations[r])}
+                     for r in rows]
+            write_feature_store(fpath, fs.config, items)
+            lid = [it["id"] for it in items]
+            write_label_store(lpath, LabelData.new(lid, CLASSES, clean=[clean_fn(i) for i in lid]), {"bench": name})
+        out[name] = (fpath, lpath)
+    return out, sizes
 
 
 def accuracy(ckpt: Path, test_feats: Path) -> float:
@@ -73,6 +79,7 @@ def accuracy(ckpt: Path, test_feats: Path) -> float:
     from pllcli.checkpoint import load_model
     from pllcli.features.store import FeatureStore
     model, meta = load_model(ckpt)
+    model.eval()
     fs = FeatureStore(test_feats)
     y = np.array([int(str(i).split("_")[0]) for i in fs.ids])
     order = np.argsort(fs.num_frames)
@@ -83,8 +90,7 @@ def accuracy(ckpt: Path, test_feats: Path) -> float:
             xs = [fs[r] for r in rows]
             ln = torch.tensor([len(x) for x in xs])
             x = torch.zeros(len(xs), int(ln.max()), xs[0].shape[1])
-            fill = model.encoder.norm.mean
-            x[:] = fill
+            x[:] = model.encoder.norm.mean
             for k, a in enumerate(xs):
                 x[k, :len(a)] = torch.from_numpy(a)
             pred[rows] = model(x, ln)["logits"].argmax(1).numpy()
@@ -95,12 +101,15 @@ def accuracy(ckpt: Path, test_feats: Path) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", help="FSDD recordings folder ({digit}_{speaker}_{take}.wav)")
-    ap.add_argument("--work", default="/work/runs/ssl")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--epochs", type=int, default=12, help="epochs of the semi-supervised runs")
-    ap.add_argument("--sup-epochs", type=int, default=150, help="epochs of the 50-label supervised runs")
-    ap.add_argument("--pretrain-epochs", type=int, default=40)
-    ap.add_argument("--replicate", type=int, default=10)
+    ap.add_argument("--work", default="/work/runs/ssl2")
+    ap.add_argument("--json", default=None, help="results JSON (rewritten after every row; rows in it are skipped)")
+    ap.add_argument("--redo", action="store_true", help="rerun rows already in --json")
+    ap.add_argument("--epochs", type=int, default=15, help="epochs of the semi-supervised runs (1 epoch = 1 pass over the unlabeled clips)")
+    ap.add_argument("--sup-epochs", type=int, default=60, help="epochs of the 50-label supervised runs (batch 16)")
+    ap.add_argument("--full-epochs", type=int, default=12)
+    ap.add_argument("--pretrain-epochs", type=int, default=30)
+    ap.add_argument("--clean-share", type=float, default=0.25, help="labelled share of every semi-supervised batch")
+    ap.add_argument("--threshold", type=float, default=0.9, help="pseudo-label confidence threshold")
     ap.add_argument("--per-class", type=int, default=5)
     ap.add_argument("--methods", default="all", help="comma list or 'all'")
     ap.add_argument("--model-opt", default="width=16,rnn_hidden=64,proj=96")
@@ -113,76 +122,143 @@ def main(argv=None):
     from pllcli.features.extract import featurize
     from pllcli.models import parse_model_options
     from pllcli.pretrain import PretrainConfig, pretrain
+    from pllcli.pseudo_label import pseudo_label
     from pllcli.training.trainer import TrainConfig, train
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    t_all = time.time()
     store = work / "fsdd.h5"
     if not store.exists():
         featurize(args.data, store, FeatureConfig.preset("speech8k", n_mels=40), jobs=2, progress=False)
-    paths, sizes = split_stores(work, store, args.per_class, args.replicate, args.seed)
+    paths, sizes = split_stores(work, store, args.per_class, args.seed)
     mopt = parse_model_options([args.model_opt])
     E, SE = args.epochs, args.sup_epochs
-    results, timings = {}, {}
-    enc = work / "enc_contrastive.pt"
+    jpath = Path(args.json) if args.json else None
+    prev = json.loads(jpath.read_text()) if jpath and jpath.exists() and not args.redo else {}
+    results, timings, extra_info = dict(prev.get("results", {})), dict(prev.get("seconds", {})), dict(prev.get("info", {}))
+    commands = dict(prev.get("commands", {}))
+    enc = work / f"enc_contrastive_e{args.pretrain_epochs}.pt"
+
+    def outdir_of(name):
+        return work / ("run_" + name.replace(" ", "_").replace(":", "").replace("+", "_"))
 
     def need_encoder():
         if not enc.exists():
             t = time.time()
-            pretrain([paths["unlab"][0]], enc, PretrainConfig(objective="contrastive", model_options=mopt,
+            pretrain([paths["semi"][0]], enc, PretrainConfig(objective="contrastive", model_options=mopt,
                      epochs=args.pretrain_epochs, batch_size=128, lr=2e-3, crop_frames=80, seed=args.seed),
                      progress=False)
-            timings["pretrain"] = round(time.time() - t, 1)
+            timings["(contrastive pretrain)"] = round(time.time() - t, 1)
+            commands["(contrastive pretrain)"] = (f"pllcli pretrain {paths['semi'][0]} -o {enc} --objective contrastive "
+                                                 f"--epochs {args.pretrain_epochs} --crop 0.8 "
+                                                 + " ".join(f"--model-opt {k}={v}" for k, v in mopt.items()))
         return str(enc)
 
-    ramp = f"schedule=sigmoid,start=0,end={E / 3:g}"
+    def need_pseudo():
+        """Teacher ensemble (the two FixMatch runs) -> soft labels on the unlabeled clips above --threshold."""
+        out = work / f"pseudo_t{args.threshold:g}.h5"
+        teachers = [outdir_of(n) / "last.pt" for n in ("pretrain+fixmatch", "fixmatch")]
+        teachers = [t for t in teachers if t.exists()]
+        if not teachers:
+            sys.exit("pseudo-label rows need the fixmatch / pretrain+fixmatch rows first")
+        s = pseudo_label(paths["semi"][0], teachers, paths["semi"][1], out, threshold=args.threshold,
+                         only_unlabeled=True, device="cpu")
+        extra_info["pseudo_label"] = {k: v for k, v in s.items() if isinstance(v, (int, float, str))}
+        commands["(pseudo-label)"] = (f"pllcli pseudo-label {paths['semi'][0]} -l {paths['semi'][1]} -o {out} "
+                                      + " ".join(f"-t {t}" for t in teachers)
+                                      + f" --threshold {args.threshold:g} --only-unlabeled")
+        # accuracy of the kept pseudo labels (scoring only: digit is in the id)
+        from pllcli.labels.store import read_label_store
+        d = read_label_store(out)
+        rows = np.flatnonzero(d.has_soft)
+        ok = [int(d.classes[d.soft(r)[0][np.argmax(d.soft(r)[1])]]) == int(str(d.ids[r]).split("_")[0]) for r in rows]
+        extra_info["pseudo_kept"] = int(len(rows))
+        extra_info["pseudo_kept_acc"] = float(np.mean(ok)) if ok else None
+        return str(out)
+
+    ramp = f"schedule=sigmoid,start=0,end={max(1, E // 3)}"
+    strong = {"time_masks": 2, "time_width": 0.15, "freq_masks": 2, "freq_width": 8}
+    fm = f"fixmatch:threshold=0.9,{ramp}"
+    # name: (store, objectives, epochs, TrainConfig extras)
     runs = {
-        "supervised": ("few", ["ce"], SE, {}),
+        "supervised": ("few", ["ce"], SE, {"batch_size": 16, "clean_share": 0.0}),
         "mean-teacher": ("semi", ["ce", f"mean-teacher:weight=10,{ramp}"], E, {"ema": 0.99}),
         "vat": ("semi", ["ce", f"vat:weight=1,eps=0.5,{ramp}"], E, {}),
-        "mixup": ("few", ["ce", "mixup:alpha=0.4"], SE, {}),
+        "mixup": ("few", ["ce", "mixup:alpha=0.4"], SE, {"batch_size": 16, "clean_share": 0.0}),
         "mixmatch": ("semi", [f"mixmatch:k=2,t=0.5,lambda_u=25,{ramp}"], E, {}),
-        "fixmatch": ("semi", ["ce", f"fixmatch:threshold=0.9,{ramp}"], E, {}),
-        "pretrain+finetune": ("few", ["ce"], SE, {"init": "enc"}),
-        "pretrain+linear": ("few", ["ce"], SE, {"init": "enc", "freeze": True}),
-        "best: pretrain+fixmatch": ("semi", ["ce", f"fixmatch:threshold=0.9,{ramp}"], E, {"init": "enc"}),
-        "full labels": ("full", ["ce"], max(E, 15), {}),
+        "fixmatch": ("semi", ["ce", fm], E, {}),
+        "pretrain+finetune": ("few", ["ce"], SE, {"batch_size": 16, "clean_share": 0.0, "init": "enc"}),
+        "pretrain+linear": ("few", ["ce"], SE, {"batch_size": 16, "clean_share": 0.0, "init": "enc", "freeze": True}),
+        "pretrain+fixmatch": ("semi", ["ce", fm], E, {"init": "enc"}),
+        # self-training: soft labels from the FixMatch teachers, student from the pretrained encoder
+        "pseudo-label student": ("pseudo", ["ce", "distill:alpha=1", fm], E, {"init": "enc"}),
+        "full labels": ("full", ["ce"], args.full_epochs, {"clean_share": 0.0}),
     }
     wanted = list(runs) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+
+    def dump():
+        full = results.get("full labels")
+        few = {k: v for k, v in results.items() if k != "full labels"}
+        best = max(few, key=few.get) if few else None
+        report = {"results": results, "seconds": timings, "sizes": sizes, "args": vars(args), "info": extra_info,
+                  "commands": commands, "best": best,
+                  "best_over_full": (results[best] / full) if best and full else None,
+                  "total_seconds_this_invocation": round(time.time() - t_all, 1)}
+        if jpath:
+            jpath.parent.mkdir(parents=True, exist_ok=True)
+            tmp = jpath.with_suffix(".tmp")
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            tmp.replace(jpath)
+        return best, full
+
     for name in wanted:
         if name not in runs:
             sys.exit(f"unknown method {name!r}; choose from {', '.join(runs)}")
+        if name in results:
+            print(f"{name:24s} acc {results[name]:.4f}  (from {jpath})", file=sys.stderr, flush=True)
+            continue
         split, objs, epochs, extra = runs[name]
         extra = dict(extra)
         if extra.get("init") == "enc":
             extra["init"] = need_encoder()
-        outdir = work / ("run_" + name.replace(" ", "_").replace(":", "").replace("+", "_"))
         t = time.time()
-        cfg = TrainConfig(features=str(paths[split][0]), labels=str(paths[split][1]), outdir=str(outdir),
-                          model="convgru", model_options=mopt, objectives=objs, epochs=epochs, batch_size=64,
-                          valid_fraction=0.0, seed=args.seed, device="cpu", progress=False, threads=args.threads,
-                          lr=3e-3, **extra)
+        if split == "pseudo":
+            feats, labels = str(paths["semi"][0]), need_pseudo()
+        else:
+            feats, labels = str(paths[split][0]), str(paths[split][1])
+        outdir = outdir_of(name)
+        cfg = TrainConfig(features=feats, labels=labels, outdir=str(outdir), model="convgru", model_options=mopt,
+                          objectives=objs, epochs=epochs, valid_fraction=0.0, seed=args.seed, device="cpu",
+                          progress=False, threads=args.threads, lr=3e-3, top_k=0, augment=strong,
+                          **{"batch_size": 64, "clean_share": args.clean_share, **extra})
+        import shutil
+        shutil.rmtree(outdir, ignore_errors=True)
         train(cfg)
         acc = accuracy(outdir / "last.pt", paths["test"][0])
         timings[name] = round(time.time() - t, 1)
         results[name] = acc
-        print(f"{name:28s} acc {acc:.4f}  ({timings[name]:.0f}s)", file=sys.stderr, flush=True)
+        commands[name] = (f"pllcli train {feats} -l {labels} -o {outdir} --epochs {epochs} -b {cfg.batch_size} "
+                          f"--clean-share {cfg.clean_share:g} --valid-fraction 0 --top-k 0 "
+                          + " ".join(f"--objective {o}" for o in objs)
+                          + " " + " ".join(f"--augment {k}={v}" for k, v in strong.items())
+                          + (f" --ema {cfg.ema:g}" if cfg.ema else "") + (f" --init {cfg.init}" if cfg.init else "")
+                          + (" --freeze" if cfg.freeze else "")
+                          + " " + " ".join(f"--model-opt {k}={v}" for k, v in mopt.items()))
+        print(f"{name:24s} acc {acc:.4f}  ({timings[name]:.0f}s)", file=sys.stderr, flush=True)
+        dump()
 
-    full = results.get("full labels")
+    best, full = dump()
     print(f"\nFSDD few labels ({args.per_class}/class, {sizes['labeled']} labeled of {sizes['train']} train; "
           f"{sizes['test']} test clips, takes 0-4)")
-    print(f"{'method':28s} {'test acc':>9s} {'/ full':>7s} {'seconds':>8s}")
+    print(f"{'method':24s} {'test acc':>9s} {'/ full':>7s} {'seconds':>8s}")
     for k, v in results.items():
         rel = f"{v / full:7.3f}" if full else "      -"
-        print(f"{k:28s} {v:9.4f} {rel} {timings.get(k, 0):8.0f}")
-    semi_keys = [k for k in results if k != "full labels"]
-    best = max(semi_keys, key=results.get) if semi_keys else None
+        print(f"{k:24s} {v:9.4f} {rel} {timings.get(k, 0):8.0f}")
+    if "(contrastive pretrain)" in timings:
+        print(f"{'(contrastive pretrain)':24s} {'':9s} {'':7s} {timings['(contrastive pretrain)']:8.0f}")
     if best and full:
         print(f"best few-label: {best} {results[best]:.4f}; best/full = {results[best] / full:.3f} (target >= 0.95)")
-    report = {"results": results, "seconds": timings, "sizes": sizes, "args": vars(args),
-              "best": best, "best_over_full": (results[best] / full) if best and full else None}
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

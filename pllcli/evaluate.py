@@ -97,14 +97,9 @@ def read_predictions(path, classes_hint=None) -> Scores:
             if unknown:
                 raise InputError(f"column {unknown[0]!r} is not a known class (known: "
                                  f"{_examples(classes_hint, 5)})", t.name, line=1, field=unknown[0])
-        ids, values, seen = [], [], {}
-        for ln, row in t:
+        ids, values = [], []
+        for ln, row in t.unique_rows("id"):
             item = row["id"]
-            if not item:
-                raise InputError("empty id", t.name, line=ln, field="id")
-            if item in seen:
-                raise InputError(f"duplicate id {item!r} (first on line {seen[item]})", t.name, line=ln, field="id")
-            seen[item] = ln
             ids.append(item)
             values.append([_float(row[c], t.name, ln, c) for c in classes])
         probs = np.asarray(values, dtype=np.float64).reshape(len(ids), len(classes))
@@ -281,14 +276,9 @@ def read_truth(path) -> Truth:
         raise InputError(f"truth needs columns id,label (or id,labels, or id,onset,offset,label); "
                          f"columns: {', '.join(t.columns)}", t.name, line=1, field="label")
     raw, line = {}, {}
-    for ln, row in t:
-        item = row["id"]
-        if not item:
-            raise InputError("empty id", t.name, line=ln, field="id")
-        if item in raw:
-            raise InputError(f"duplicate id {item!r} (first on line {line[item]})", t.name, line=ln, field="id")
-        raw[item] = [x.strip() for x in row[col].split(LABEL_SEP) if x.strip()]
-        line[item] = ln
+    for ln, row in t.unique_rows("id"):
+        raw[row["id"]] = [x.strip() for x in row[col].split(LABEL_SEP) if x.strip()]
+        line[row["id"]] = ln
     multi = col == "labels" or any(len(v) != 1 for v in raw.values())
     if multi:
         labels = {i: frozenset(v) for i, v in raw.items()}

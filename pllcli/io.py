@@ -206,3 +206,19 @@ class Table:
 
     def rows(self) -> list[tuple[int, dict[str, str]]]:
         return list(self)
+
+    def unique_rows(self, col: str = "id", seen: dict[str, tuple[str, int]] | None = None
+                    ) -> Iterator[tuple[int, dict[str, str]]]:
+        """Rows whose `col` is non-empty and unique; `seen` ({id: (file, line)}) extends the check
+        across files. An empty or repeated id is an InputError naming both places."""
+        seen = {} if seen is None else seen
+        for ln, row in self:
+            key = row[col]
+            if not key:
+                raise InputError(f"empty {col}", self.name, line=ln, field=col)
+            if key in seen:
+                f0, l0 = seen[key]
+                where = f"line {l0}" if f0 == self.name else f"{f0}:{l0}"
+                raise InputError(f"duplicate {col} {key!r} (first on {where})", self.name, line=ln, field=col)
+            seen[key] = (self.name, ln)
+            yield ln, row

@@ -289,3 +289,24 @@ def test_config_overrides_on_the_command_line(corpus, capsys):
     assert "unknown feature preset 'speech9k'" in capsys.readouterr().err
     assert cli("featurize", man, root / "x.h5", "--fmax", "9000") == 2
     assert "fmax" in capsys.readouterr().err
+
+
+def test_info_and_merge_dispatch_on_format(tmp_path, monkeypatch, capsys):
+    import h5py
+
+    import pllcli.checkpoint
+    import pllcli.labels.store
+    calls = []
+    monkeypatch.setattr(pllcli.labels.store, "describe", lambda p: {"n": 3, "path": str(p)})
+    monkeypatch.setattr(pllcli.labels.store, "merge_label_stores", lambda out, parts: calls.append((out, parts)))
+    monkeypatch.setattr(pllcli.checkpoint, "describe", lambda p: {"classes": 2})
+    for name in ("a.h5", "b.h5"):
+        with h5py.File(tmp_path / name, "w") as f:
+            f.attrs["format"] = "pllcli-labels"
+    assert cli("info", tmp_path / "a.h5", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {"kind": "label store", "n": 3, "path": str(tmp_path / "a.h5")}
+    (tmp_path / "m.pt").write_bytes(b"PK\x03\x04rest")
+    assert cli("info", tmp_path / "m.pt", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {"kind": "checkpoint", "classes": 2}
+    assert cli("merge", tmp_path / "o.h5", tmp_path / "a.h5", tmp_path / "b.h5") == 0
+    assert calls == [(str(tmp_path / "o.h5"), [str(tmp_path / "a.h5"), str(tmp_path / "b.h5")])]

@@ -124,3 +124,16 @@ def test_default_ema_helper():
     assert default_ema(["ce", "proden"]) == 0.0
     assert default_ema(["mean-teacher"]) == 0.99
     assert math.isclose(default_ema(["mean-teacher"], 0.95), 0.95)
+
+
+def test_lws_and_cr_observe_hand_values():
+    p = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    cand = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    lws = build_objective("lws:start=1")
+    lws.setup(SetupContext(num_items=2, num_classes=4, device="cpu"))
+    lws.observe(_ctx(torch.log(p), cand, torch.tensor([1])))
+    assert torch.allclose(lws.buf.conf[1], torch.tensor([4 / 7, 3 / 7, 2 / 3, 1 / 3]), atol=1e-6)
+    cr = build_objective("cr:eps=0,start=1")
+    cr.setup(SetupContext(num_items=2, num_classes=4, device="cpu"))
+    cr.observe(_ctx(torch.log(p), cand, torch.tensor([0])))
+    assert torch.allclose(cr.buf.conf[0], torch.tensor([4 / 7, 3 / 7, 0, 0]), atol=1e-6)

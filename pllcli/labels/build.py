@@ -45,16 +45,7 @@ class Built:
 
 def _read_ids(table: Table, seen: dict[str, tuple[str, int]] | None = None, col: str = "id"):
     """Yield (line, row) checking that ids are non-empty and unique (also across files via `seen`)."""
-    seen = {} if seen is None else seen
-    for ln, row in table:
-        i = row[col]
-        if not i:
-            raise InputError("empty id", table.name, line=ln, field=col)
-        if i in seen:
-            f0, l0 = seen[i]
-            raise InputError(f"duplicate id {i!r} (first at {f0}:{l0})", table.name, line=ln, field=col)
-        seen[i] = (table.name, ln)
-        yield ln, row
+    return table.unique_rows(col, seen)
 
 
 def read_unlabeled_ids(path: str, known: Sequence[str], known_name: str) -> list[str]:

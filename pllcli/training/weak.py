@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pllcli.errors import InputError, TrainingError, UsageError
 from pllcli.losses import mil
 from pllcli.sampling import ClassBalancedSampler, HalfAndHalfSampler
+from pllcli.models.base import InputNorm
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,9 @@ def read_tags(path, classes: Sequence[str] | None = None, sep: str = ";",
     """
     from pllcli.io import Table
     t = Table(path, required=["id", column])
-    rows, seen = [], {}
-    for ln, row in t:
+    rows = []
+    for ln, row in t.unique_rows("id"):
         cid = row["id"]
-        if not cid:
-            raise InputError("empty id", t.name, line=ln, field="id")
-        if cid in seen:
-            raise InputError(f"duplicate id {cid!r} (first on line {seen[cid]})", t.name, line=ln, field="id")
-        seen[cid] = ln
         tags = [x.strip() for x in row[column].split(sep) if x.strip()]
         rows.append((ln, cid, tags))
     if classes is None:
@@ -92,21 +88,6 @@ def positive_clips(tags: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------ network
 
-class _Norm(nn.Module):
-    def __init__(self, n_mels: int):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(n_mels))
-        self.register_buffer("std", torch.ones(n_mels))
-
-    @torch.no_grad()
-    def set_stats(self, mean, std) -> None:
-        self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
-        self.std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-5))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
-
-
 def _trunk(n_mels: int, width: int, depth: int, time_stride: int) -> tuple[nn.Sequential, int]:
     """Conv blocks (3x3 conv, BN, ReLU) pooling frequency by 2 (time by `time_stride` once)."""
     layers, cin, f = [], 1, n_mels
@@ -123,7 +104,7 @@ class Trunk(nn.Module):
 
     def __init__(self, n_mels: int, width: int, depth: int, time_stride: int):
         super().__init__()
-        self.norm = _Norm(n_mels)
+        self.norm = InputNorm(n_mels)
         self.conv, self.out_dim = _trunk(n_mels, width, depth, time_stride)
 
     def forward(self, x):
