@@ -10,15 +10,19 @@ the ten digit words; not read from truth.csv), so chatter ("lol", ...) is off-vo
 Runs (same model, epochs, batch size and batching; every run but (a)/(c) sees the same label store):
   a       oracle: truth.csv labels as clean labels for every typed message (scoring only otherwise)
   b       the default recipe of `pllcli train` (no --objective: trainer.DEFAULT_OBJECTIVES)
-  b_eps0  the default recipe with eps=0 (no mass outside the candidate set)
-  c       clean labels only (ce on the 325 clean items)
+  b_eps0  the default recipe with eps=0 (no mass outside the candidate set; the default itself)
+  b_eps01 the default recipe with eps=0.01 outside the set
+  c       clean labels only (ce on the 325 clean items; 260 after the validation hold-out)
+  c_steps clean labels only, epochs multiplied so that it runs about as many steps as b
   d       naive baseline: sigmoid outputs + MSE to the multi-hot candidate vector, + ce on clean
   cc, proden, lws, pico, cr: each PLL loss from the start (no warm-up), + ce on clean
+  proden_w  PRODEN with the default's clean warm start (start=3), + ce on clean
 Scores: test accuracy (test.csv); disambiguation accuracy on typed training items (argmax of the
 model restricted to the item's candidate set vs truth.csv), split into items whose truth is in
 the set and items whose truth is missing (late typing; for those: the unrestricted argmax, i.e.
 whether the model still recognises the message); train wall time, epoch time, data-wait share.
-Table + JSON, written after every run. `--quick`: 8 epochs, runs a,b,c,d.
+Table + JSON, written after every run. Default runs: FULL (~40 min on 2 quiet cores);
+`--quick`: 8 epochs, runs a,b,c_steps,d; `--only LIST` picks runs.
 """
 from __future__ import annotations
 
@@ -37,29 +41,39 @@ import numpy as np
 DIGITS = "zero one two three four five six seven eight nine".split()
 
 
-def _eps0(spec: str) -> str:
+def _with_eps(spec: str, eps: float) -> str:
     name, _, opts = spec.partition(":")
     kv = [p for p in opts.split(",") if p and not p.startswith("eps=")]
-    return f"{name}:{','.join(kv + ['eps=0'])}" if name in ("proden", "rc", "cc", "cr") else spec
+    return f"{name}:{','.join(kv + [f'eps={eps:g}'])}" if name in ("proden", "rc", "cc", "cr") else spec
 
 
 def runs_table():
     from pllcli.training.trainer import DEFAULT_OBJECTIVES
-    eps0 = []
+    eps0, eps01 = [], []
     for s in DEFAULT_OBJECTIVES:
-        eps0 += ["--objective", _eps0(s)]
+        eps0 += ["--objective", _with_eps(s, 0)]
+        eps01 += ["--objective", _with_eps(s, 0.01)]
     return {
         "a": ("oracle (true labels)", "oracle.h5", ["--objective", "ce"]),
         "b": ("default recipe", "labels.h5", []),
         "b_eps0": ("default recipe, eps=0", "labels.h5", eps0),
+        "b_eps01": ("default recipe, eps=0.01", "labels.h5", eps01),
         "c": ("clean labels only", "clean.h5", ["--objective", "ce"]),
+        "c_steps": ("clean only, as many steps as b", "clean.h5", ["--objective", "ce"]),
         "d": ("naive sigmoid+MSE", "labels.h5", ["--objective", "mse", "--objective", "ce"]),
         "cc": ("CC + prior", "labels.h5", ["--objective", "cc:eps=0.01", "--objective", "ce"]),
         "proden": ("PRODEN + prior (no warm-up)", "labels.h5", ["--objective", "proden:eps=0.01", "--objective", "ce"]),
+        "proden_w": ("PRODEN + prior, clean warm start", "labels.h5",
+                     ["--objective", "proden:eps=0.01,start=3", "--objective", "ce"]),
         "lws": ("LWS", "labels.h5", ["--objective", "lws", "--objective", "ce"]),
         "pico": ("PiCO-style", "labels.h5", ["--objective", "pico", "--objective", "ce"]),
         "cr": ("CR-DPLL", "labels.h5", ["--objective", "cr:eps=0.01", "--objective", "ce"]),
     }
+
+
+# the full benchmark (~40 min on 2 quiet cores at 20 epochs); c, b_eps0 (= b while the default
+# has eps=0) and proden_w with --only
+FULL = "a,b,b_eps01,c_steps,d,cc,proden,lws,pico,cr"
 
 
 def cli(*args):
@@ -108,14 +122,14 @@ def main():
     ap.add_argument("out", type=Path)
     ap.add_argument("--epochs", type=int, default=None, help="default: the train default (--quick: 8)")
     ap.add_argument("--only", "--runs", dest="only", default=None,
-                    help="comma list of runs (default: a,b,c,d,b_eps0,cc,proden,lws,pico,cr)")
-    ap.add_argument("--quick", action="store_true", help="8 epochs, runs a,b,c,d")
+                    help=f"comma list of runs (default: {FULL})")
+    ap.add_argument("--quick", action="store_true", help="8 epochs, runs a,b,c_steps,d")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--train-opt", action="append", default=[], help="extra `pllcli train` argument (repeatable)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     table = runs_table()
-    only = (args.only or ("a,b,c,d" if args.quick else ",".join(table))).split(",")
+    only = (args.only or ("a,b,c_steps,d" if args.quick else FULL)).split(",")
     bad = [k for k in only if k not in table]
     if bad:
         ap.error(f"unknown run(s) {bad}; choose from {', '.join(table)}")
@@ -174,14 +188,19 @@ def main():
         rd = out / f"run_{key}"
         shutil.rmtree(rd, ignore_errors=True)
         t = time.perf_counter()
-        _, train_s = cli("train", out / "train.h5", "--labels", out / labels, "-o", rd, "--epochs", epochs,
+        ep = epochs
+        if key == "c_steps":  # clean items are few: repeat epochs so that c sees as many batches as b
+            n_clean = int(round(res["labels"]["clean"] * 0.8))  # minus the 20% validation hold-out
+            steps_b = int(np.ceil(typed.sum() / (64 - round(0.25 * 64))))
+            ep = epochs * max(1, int(round(steps_b / np.ceil(n_clean / 64))))
+        _, train_s = cli("train", out / "train.h5", "--labels", out / labels, "-o", rd, "--epochs", ep,
                          "--device", "cpu", *extra, *args.train_opt)
         summ = json.loads((rd / "summary.json").read_text())
         test_acc, dis = score(rd / "averaged.pt", out / "train.h5", out / "test.h5", lab, lrows, y_train, y_test,
                               typed, in_set)
         eval_s = time.perf_counter() - t
         res["runs"][key] = {
-            "desc": desc, "args": [str(a) for a in extra], "test_accuracy": test_acc, **dis,
+            "desc": desc, "args": [str(a) for a in extra], "epochs": ep, "test_accuracy": test_acc, **dis,
             "train_s": round(train_s, 1), "train_and_eval_s": round(eval_s, 1),
             "epoch_time_s": summ["epoch_time_s"], "data_wait_share": summ["data_wait_share"],
             "best_val": summ["best"], "averaged_val": summ["averaged"],

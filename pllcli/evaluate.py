@@ -424,6 +424,17 @@ def evaluate(truth_path, *, checkpoint=None, features=None, predictions=None, es
                              f"(e.g. id {_examples(i for i, v in truth.labels.items() if len(v) != 1)})",
                              truth.path, field="label")
     _check_classes(truth, classes)
+    if truth.kind == "strong":
+        # A strong-event table cannot list clips without events: scored clips absent from it are
+        # clips with no events (the set of scored clips is the test set, as in sed_eval's file list).
+        known = set(truth.ids)
+        silent = [i for i in scores.ids if i not in known]
+        if silent:
+            log.info("%d scored clips have no events in %s and count as event-free", len(silent), truth.path)
+            truth.ids = list(truth.ids) + silent
+            for i in silent:
+                truth.labels[i] = frozenset()
+                truth.events[i] = []
     items = _align(truth, scores)
     row = {i: r for r, i in enumerate(scores.ids)}
     rows = np.array([row[i] for i in items])

@@ -219,6 +219,12 @@ def test_checkpoint_feature_store_and_strong_truth(tmp_path):
     res4 = evaluate(truth, checkpoint=ck, features=fs, batch_size=4)
     np.testing.assert_allclose(res4.probs, ref, atol=2e-3)
     assert rep["event"]["t_collar"] == 0.2 and 0 <= rep["frame"]["auc"] <= 1
+    assert rep["n_items"] == len(items)
+    # clips absent from a strong table are scored as event-free, not dropped
+    part = _write(tmp_path / "part.tsv", "id\tonset\toffset\tlabel\n" + "".join(
+        f"{it['id']}\t0.1\t0.4\t{CLASSES[i % 3]}\n" for i, it in enumerate(items[:4])))
+    rp = evaluate(part, checkpoint=ck, features=fs, batch_size=1).report
+    assert rp["n_items"] == len(items)
 
 
 def test_feature_config_mismatch_is_refused(tmp_path):

@@ -230,3 +230,16 @@ def test_cli_simulate_and_window(files, tmp_path):
     r = run_cli("build-candidates", tmp_path / "w2.h5", "--voice", files["voice"], "--chat", files["chat"],
                 "--window", "soon")
     assert r.returncode == 2 and "--window" in r.stderr
+
+
+def test_clean_labels_alone_with_unlabeled(tmp_path):
+    clean = _write(tmp_path, "few.csv", "id,label\na,one\nb,two\nc,one\n")
+    unl = _write(tmp_path, "rest.csv", "id,path\nd,d.wav\ne,e.wav\n")
+    r = run_cli("build-candidates", tmp_path / "few.h5", "--clean", clean, "--unlabeled", unl, "--json", "-")
+    assert r.returncode == 0, r.stderr
+    d = read_label_store(tmp_path / "few.h5")
+    assert list(d.ids) == ["a", "b", "c", "d", "e"] and list(d.classes) == ["one", "two"]
+    assert list(d.clean) == [0, 1, 0, -1, -1] and list(d.unlabeled) == [False, False, False, True, True]
+    assert json.loads(r.stdout)["source"] == "clean"
+    r = run_cli("build-candidates", tmp_path / "x.h5", "--clean", clean, "--weights", "delay-prior")
+    assert r.returncode == 2 and "--weights" in r.stderr

@@ -84,16 +84,22 @@ def build_candidates(
 
     sources = [n for n, v in (("--voice/--chat", voice or chat), ("--tags/--strong", tags or strong),
                               ("--simulate-from", simulate_from)) if v]
-    if len(sources) != 1:
-        raise UsageError("give exactly one label source: --voice and --chat, --tags/--strong, or --simulate-from"
-                         + (f" (got {', '.join(sources)})" if sources else ""))
+    clean_only = not sources and clean is not None
+    if len(sources) != 1 and not clean_only:
+        raise UsageError("give exactly one label source: --voice and --chat, --tags/--strong, --simulate-from, "
+                         "or --clean alone" + (f" (got {', '.join(sources)})" if sources else ""))
     if out.exists() and not overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
     vocab_list = B.read_vocab(str(vocab)) if vocab else None
     inputs = {"voice": voice, "chat": chat, "clean": clean, "tags": tags, "strong": strong,
               "durations": durations, "unlabeled": unlabeled, "simulate_from": simulate_from,
               "confusions": confusions, "vocab": vocab}
-    if voice or chat:
+    if clean_only:
+        if weights != "uniform":
+            raise UsageError("--weights applies to chat alignment, not to --clean alone")
+        built = B.build_from_clean(str(clean), str(unlabeled) if unlabeled else None, vocab_list)
+        params = {}
+    elif voice or chat:
         if not (voice and chat):
             raise UsageError("chat alignment needs both --voice and --chat")
         if window is not None and next_k is not None:

@@ -17,15 +17,15 @@ def train_cmd(
     model_opt: Annotated[Optional[list[str]], typer.Option(
         "--model-opt", help="Model option KEY=VALUE (repeatable), e.g. width=16.")] = None,
     objective: Annotated[Optional[list[str]], typer.Option(
-        "--objective", help="NAME[:KEY=VALUE,...] (repeatable); default 'proden:eps=0.01,start=3' + 'ce' (clean warm "
-                            "start for 3 epochs, then PRODEN with the candidate weights as prior). Common "
+        "--objective", help="NAME[:KEY=VALUE,...] (repeatable); default 'cc:eps=0,start=3' + 'ce' (clean warm "
+                            "start for 3 epochs, then CC with the candidate weights as prior). Common "
                             "keys: weight, schedule (constant|linear|sigmoid), start, end.")] = None,
     pll: Annotated[Optional[str], typer.Option(
         "--pll", help="Shortcut: the candidate-set loss (cc, proden, rc, lws, pico, cr, mse) with defaults.")] = None,
     alpha: Annotated[Optional[float], typer.Option(
         "--alpha", help="Teacher-student mix of original and pseudo labels (soft labels from pseudo-label): "
                         "target = A * pseudo + (1 - A) * original; adds objective 'distill:alpha=A'.")] = None,
-    epochs: Annotated[int, typer.Option("--epochs", "-e", min=1)] = 30,
+    epochs: Annotated[int, typer.Option("--epochs", "-e", min=1)] = 20,
     batch_size: BatchSize = 64,
     clean_share: Annotated[float, typer.Option(
         "--clean-share", "--labeled-share",

@@ -368,7 +368,8 @@ def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int
     dups = [d for d in flags[sl] if d is not None]
     if strict and dups:
         d = dups[0]
-        raise StrictModeError(f"{src}:{d.line}: duplicate id {d.id!r} ({d.detail}) and --strict is set")
+        where = f"{src}:{d.line}" if d.line else d.path
+        raise StrictModeError(f"{where}: duplicate id {d.id!r} ({d.detail}) and --strict is set")
 
     chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
     parts_dir = out.with_name(out.name + ".parts")

@@ -62,9 +62,10 @@ class LogMel(nn.Module):
             return self._power_export(x)
         if x.shape[-1] < self.n_fft:
             x = nn.functional.pad(x, (0, self.n_fft - x.shape[-1]))
-        spec = torch.stft(x, self.n_fft, self.hop, self.n_fft, self.window, center=False,
-                          return_complex=True)  # (B, n_freq, T)
-        return (spec.real.square() + spec.imag.square()).transpose(1, 2)
+        # frames x window -> real FFT: same numbers as torch.stft(center=False), ~10% faster, and
+        # already (B, T, n_freq) so the per-clip mel projection reads contiguous memory
+        spec = torch.fft.rfft(x.unfold(-1, self.n_fft, self.hop) * self.window)  # (B, T, n_freq)
+        return spec.real.square() + spec.imag.square()
 
     def _power_export(self, x: torch.Tensor) -> torch.Tensor:
         """Export-friendly power spectrum: conv1d with a windowed DFT basis (no complex, no stft op).

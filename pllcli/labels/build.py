@@ -505,3 +505,11 @@ def simulate(labels_path: str, *, q: float | None = None, k: int | None = None, 
         "unlabeled": int(data.unlabeled.sum()),
     }
     return Built(data, stats)
+
+
+def build_from_clean(clean_path: str, unlabeled_path: str | None = None,
+                     vocab: Sequence[str] | None = None) -> Built:
+    """A store of clean labels only (id,label), plus optional unlabeled items: the few-label case."""
+    built = simulate(clean_path, k=1, clean_share=1.0, vocab=vocab, unlabeled_path=unlabeled_path)
+    built.stats.update(source="clean", mode="clean")
+    return built
