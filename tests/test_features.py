@@ -299,6 +299,12 @@ def test_merge_orders_shards_and_checks(tmp_path):
         merge_feature_stores(tmp_path / "x.h5", [tmp_path / "p0.h5", tmp_path / "p1.h5"])
     with pytest.raises(InputError, match="occur in more than one part"):
         merge_feature_stores(tmp_path / "x.h5", [tmp_path / "all.h5", tmp_path / "all.h5"])
+    # parts with different metadata columns: union, empty where a part lacks a column
+    other = [dict(it, id=f"v{k}", meta={"time": str(k)}) for k, it in enumerate(_items(2, seed=1))]
+    write_feature_store(tmp_path / "t.h5", c, other, ["time"])
+    u = FeatureStore(merge_feature_stores(tmp_path / "u.h5", [tmp_path / "all.h5", tmp_path / "t.h5"]))
+    assert u.meta_columns == ["speaker", "time"] and len(u) == 11
+    assert list(u.meta("speaker"))[-3:] == ["s2", "", ""] and list(u.meta("time"))[-3:] == ["", "0", "1"]
     write_feature_store(tmp_path / "o.h5", c.replace(n_mels=40), [], ["speaker"])
     with pytest.raises(ConfigMismatchError, match="n_mels"):
         merge_feature_stores(tmp_path / "x.h5", [tmp_path / "all.h5", tmp_path / "o.h5"])

@@ -397,9 +397,10 @@ def _part_order(parts: Sequence[str], shards: list[str | None]) -> list[int]:
 def merge_feature_stores(out: str | os.PathLike, parts: Sequence[str | os.PathLike],
                          attrs: dict[str, Any] | None = None, order_by_shard: bool = True,
                          block_frames: int = 1 << 18) -> Path:
-    """Concatenate feature stores into `out` (atomic). All parts must share the feature config,
-    storage dtype and metadata columns; ids must be unique across parts. Parts written with
-    `--shard i/n` are put in shard order, giving the same store as a single run."""
+    """Concatenate feature stores into `out` (atomic). All parts must share the feature config
+    and storage dtype; ids must be unique across parts. The output has the union of the parts'
+    metadata columns (empty strings where a part lacks one). Parts written with `--shard i/n`
+    are put in shard order, giving the same store as a single run."""
     parts = [str(p) for p in parts]
     if not parts:
         raise InputError("nothing to merge: no input stores given")
@@ -412,8 +413,6 @@ def merge_feature_stores(out: str | os.PathLike, parts: Sequence[str | os.PathLi
             raise ConfigMismatchError(f"{p}: feature config hash differs from {parts[0]}")
         if s.dtype != first.dtype:
             raise ConfigMismatchError(f"{p}: features stored as {s.dtype}, {parts[0]} as {first.dtype}")
-        if s.meta_columns != first.meta_columns:
-            raise InputError(f"metadata columns {s.meta_columns} differ from {parts[0]} ({first.meta_columns})", p)
     order = _part_order(parts, [s.attrs.get("shard") for s in stores]) if order_by_shard \
         else list(range(len(parts)))
     all_ids = np.concatenate([s.ids for s in stores]) if stores else np.zeros(0, str)
@@ -425,7 +424,8 @@ def merge_feature_stores(out: str | os.PathLike, parts: Sequence[str | os.PathLi
         raise InputError(f"{int((counts > 1).sum())} id(s) occur in more than one part, e.g. {d0!r} "
                          f"in {' and '.join(where)}", where[0])
     cfg = first.config.replace(dtype=first.dtype if first.dtype in ("float32", "float16") else None)
-    with FeatureStoreWriter(out, cfg, first.meta_columns, attrs) as w:
+    meta_columns = list(dict.fromkeys(c for s in stores for c in s.meta_columns))
+    with FeatureStoreWriter(out, cfg, meta_columns, attrs) as w:
         for k in order:
             s = stores[k]
             f = s._file()
