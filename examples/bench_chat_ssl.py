@@ -95,6 +95,10 @@ def main():
                          "instead of training it again (e.g. examples/bench_chat.py's run_b)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    skip = args.out / "SKIP_ONCE"   # lets a queued invocation be skipped (the file is removed)
+    if skip.exists():
+        skip.unlink()
+        sys.exit(f"skipped ({skip} was present)")
     from pllcli.training.trainer import DEFAULT_OBJECTIVES
     out, data = args.out, args.data
     out.mkdir(parents=True, exist_ok=True)

@@ -104,6 +104,7 @@ def main(argv=None):
     ap.add_argument("--work", default="/work/runs/ssl2")
     ap.add_argument("--json", default=None, help="results JSON (rewritten after every row; rows in it are skipped)")
     ap.add_argument("--redo", action="store_true", help="rerun rows already in --json")
+    ap.add_argument("--redo-methods", default="", help="comma list of rows to rerun even if in --json")
     ap.add_argument("--epochs", type=int, default=15, help="epochs of the semi-supervised runs (1 epoch = 1 pass over the unlabeled clips)")
     ap.add_argument("--sup-epochs", type=int, default=60, help="epochs of the 50-label supervised runs (batch 16)")
     ap.add_argument("--full-epochs", type=int, default=12)
@@ -138,6 +139,8 @@ def main(argv=None):
     prev = json.loads(jpath.read_text()) if jpath and jpath.exists() and not args.redo else {}
     results, timings, extra_info = dict(prev.get("results", {})), dict(prev.get("seconds", {})), dict(prev.get("info", {}))
     commands = dict(prev.get("commands", {}))
+    for m in filter(None, (x.strip() for x in args.redo_methods.split(","))):
+        results.pop(m, None)
     enc = work / f"enc_contrastive_e{args.pretrain_epochs}.pt"
 
     def outdir_of(name):

@@ -149,3 +149,30 @@ def test_multilabel_mixmatch_uses_tags():
     o = build_objective("mixmatch")
     loss = o.loss(_ctx(m, b, task="multi"))
     assert torch.isfinite(loss) and set(o.metrics()) == {"mixmatch_lx", "mixmatch_lu"}
+
+
+def test_fixmatch_distribution_alignment_counters_collapse():
+    import torch
+    from pllcli.training.objectives import build_objective
+    torch.manual_seed(0)
+    fm = build_objective("fixmatch:threshold=0.9,align_momentum=0")
+    assert fm.align is True
+    # every item leans to class 0: after alignment the argmax follows the second-best evidence
+    logits = torch.tensor([[3.0, 2.0, 0.0], [3.0, 0.0, 2.0], [3.0, 0.0, 0.0]])
+    q = fm._aligned(logits).exp()
+    assert torch.allclose(q.sum(-1), torch.ones(3), atol=1e-5)
+    assert q[0].argmax() == 1 and q[1].argmax() == 2
+    off = build_objective("fixmatch:align=false")
+    assert off.align is False
+
+
+def test_frozen_bn_stats_keeps_running_statistics():
+    import torch
+    from pllcli.training.semi import frozen_bn_stats
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).train()
+    before = m[1].running_mean.clone()
+    with frozen_bn_stats(m):
+        m(torch.randn(8, 3) * 5 + 3)
+    assert torch.equal(m[1].running_mean, before) and m[1].momentum == 0.1
+    m(torch.randn(8, 3) * 5 + 3)
+    assert not torch.equal(m[1].running_mean, before)

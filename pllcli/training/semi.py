@@ -64,6 +64,43 @@ class _SemiObjective(Objective):
         return ctx.mask("all") if self.on == "all" else ctx.mask("unlabeled")
 
 
+class frozen_bn_stats:
+    """Context manager: extra forward passes (augmented views, adversarial probes) still normalise with
+    their batch statistics but do not move the BatchNorm running statistics (momentum 0).
+
+    Without it every view (weak, strong, perturbed, mixed) overwrote the running statistics that
+    eval mode uses; FSDD 5 labels/class FixMatch: train-mode accuracy 0.55, eval-mode 0.10."""
+
+    def __init__(self, model):
+        self.bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] \
+            if model is not None else []
+
+    def __enter__(self):
+        self.saved = [m.momentum for m in self.bns]
+        for m in self.bns:
+            m.momentum = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        for m, mom in zip(self.bns, self.saved):
+            m.momentum = mom
+        return False
+
+
+def _extra_forward(ctx):
+    """ctx.forward whose passes leave the BatchNorm running statistics alone."""
+    def f(x, lengths):
+        with frozen_bn_stats(getattr(ctx, "model", None)):
+            return ctx.forward(x, lengths)
+    return f
+
+
+def _as_bool(v) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "on")
+    return bool(v)
+
+
 def _multi(ctx) -> bool:
     return getattr(ctx, "task", "single") == "multi"
 
@@ -144,7 +181,8 @@ class VAT(_SemiObjective):
         lengths = ctx.batch["lengths"][m]
         vm = _valid_mask(x, lengths)
         eps = self.eps * (vm.sum((1, 2), keepdim=True) * x.shape[-1]).sqrt()   # RMS eps per value
-        f = lambda z: ctx.forward(z, lengths)["logits"].float()  # noqa: E731
+        fwd = _extra_forward(ctx)
+        f = lambda z: fwd(z, lengths)["logits"].float()  # noqa: E731
         return L.vat_loss(f, x, xi=self.xi, eps=eps, power_iterations=self.power_iterations,
                           multi_label=_multi(ctx), mask=vm.expand_as(x))
 
@@ -169,7 +207,7 @@ class Mixup(_SemiObjective):
         x = ctx.augment(ctx.batch["x_raw"][has], ctx.batch["lengths"][has])
         lam = float(L.sample_lambda(self.alpha))
         xm, ym, lm, _ = L.mixup(x, tgt[has], lam, lengths=ctx.batch["lengths"][has])
-        logits = ctx.forward(xm, lm)["logits"].float()
+        logits = _extra_forward(ctx)(xm, lm)["logits"].float()
         return L.soft_cross_entropy(logits, ym, multi)
 
 
@@ -195,7 +233,8 @@ class MixMatch(_SemiObjective):
         xl, ll = ctx.augment(b["x_raw"][has], b["lengths"][has]), b["lengths"][has]
         xu_raw, lu = b["x_raw"][mu], b["lengths"][mu]
         views = [ctx.augment(xu_raw, lu) for _ in range(self.k)]
-        f = lambda z, ln: ctx.forward(z, ln)["logits"].float()  # noqa: E731
+        fwd = _extra_forward(ctx)
+        f = lambda z, ln: fwd(z, ln)["logits"].float()  # noqa: E731
         lx, lu_loss, _ = L.mixmatch_loss(f, xl, tgt[has], views, self.t, self.alpha, multi, ll, lu)
         self._last = {"mixmatch_lx": float(lx.detach()), "mixmatch_lu": float(lu_loss.detach())}
         return lx + self.lambda_u * lu_loss
@@ -223,13 +262,33 @@ class FixMatch(_SemiObjective):
 
     items = ("unlabeled",)
 
-    def __init__(self, threshold: float = 0.95, teacher: bool = False, restrict: bool = True, **kw):
+    def __init__(self, threshold: float = 0.95, teacher: bool = False, restrict: bool = True, align: bool = True,
+                 align_momentum: float = 0.99, **kw):
         super().__init__(**kw)
         if not 0 < threshold <= 1:
             raise UsageError("fixmatch: threshold must be in (0, 1]")
+        if not 0 <= align_momentum < 1:
+            raise UsageError("fixmatch: align_momentum must be in [0, 1)")
         self.threshold, self.use_teacher, self.restrict = float(threshold), bool(teacher), bool(restrict)
+        self.align, self.align_momentum = _as_bool(align), float(align_momentum)
         self.needs_teacher = self.use_teacher
         self._frac = []
+        self._pbar = None   # running mean of the weak-view class probabilities (distribution alignment)
+
+    def _aligned(self, weak: torch.Tensor) -> torch.Tensor:
+        """Distribution alignment (ReMixMatch): p <- normalise(p * uniform / running mean of p).
+
+        Without it FixMatch can collapse with few labels: the labelled clips are memorised and every
+        unlabeled clip confidently gets one class, so both losses reach 0 (FSDD, 5 labels/class:
+        test accuracy 0.10). Returns log-probabilities (usable as logits)."""
+        p = torch.softmax(weak, -1)
+        mean = p.mean(0)
+        if self._pbar is None or self._pbar.shape != mean.shape or self._pbar.device != mean.device:
+            self._pbar = torch.full_like(mean, 1.0 / mean.numel())
+        self._pbar = self.align_momentum * self._pbar + (1 - self.align_momentum) * mean
+        q = p / self._pbar.clamp_min(1e-6)
+        q = q / q.sum(-1, keepdim=True)
+        return q.clamp_min(1e-12).log()
 
     def loss(self, ctx):
         m = self._mask(ctx)
@@ -241,12 +300,14 @@ class FixMatch(_SemiObjective):
             if self.use_teacher:
                 weak = ctx.teacher_out()["logits"][m].float()
             else:
-                weak = ctx.forward(weak_augment(x, ln), ln)["logits"].float()
+                weak = _extra_forward(ctx)(weak_augment(x, ln), ln)["logits"].float()
             if self.restrict and not _multi(ctx) and "has_candidates" in b:
                 hc = b["has_candidates"][m].bool()
                 cand = b["candidates"][m].float()
                 weak = torch.where(hc[:, None] & (cand <= 0), torch.full_like(weak, -1e4), weak)
-        strong = ctx.forward(strong_augment(x, ln), ln)["logits"].float()
+            if self.align and not _multi(ctx):
+                weak = self._aligned(weak)
+        strong = _extra_forward(ctx)(strong_augment(x, ln), ln)["logits"].float()
         loss, frac = L.fixmatch_loss(weak, strong, self.threshold, _multi(ctx))
         self._frac.append(float(frac))
         return loss
