@@ -30,6 +30,12 @@ def train_cmd(
     clean_share: Annotated[float, typer.Option(
         "--clean-share", "--labeled-share",
         help="Share of every batch taken from the clean-labelled items (oversampled), 0 = natural share.")] = 0.25,
+    when_who: Annotated[Optional[str], typer.Option(
+        "--when-who", metavar="MODE", help="Train a WHEN/WHO model on weak tags (Morfi & Stowell): separate, "
+        "joint or tied. Uses --epochs, --batch-size, --lr, --seed, --device, --model-opt.")] = None,
+    sampler: Annotated[str, typer.Option(
+        "--sampler", help="natural; hnh: half-and-half positive/negative clips (weak tags); "
+                          "balanced: class-balanced sampling (weak tags).")] = "natural",
     unlabeled_share: Annotated[float, typer.Option(
         "--unlabeled-share", help="Share of every batch taken from the unlabeled items, 0 = natural share.")] = 0.0,
     max_frames: Annotated[int, typer.Option("--max-frames", help="Random crop length in frames (0 = full).")] = 300,
@@ -90,6 +96,14 @@ def train_cmd(
     if outdir is None:
         outdir = resume if resume.is_dir() else resume.parent
     from pllcli.models import parse_model_options
+    if when_who is not None:
+        from pllcli.training.weak import MODES, train_when_who
+        if when_who not in MODES:
+            raise UsageError(f"--when-who must be one of {', '.join(MODES)}, got {when_who!r}")
+        summary = train_when_who(features, labels, outdir, mode=when_who, epochs=epochs, batch_size=batch_size,
+                                 lr=lr, seed=seed, device=device, model_options=parse_model_options(model_opt))
+        write_json(summary, json_out)
+        return
     from pllcli.training.trainer import DEFAULT_OBJECTIVES, TrainConfig, default_ema, train
     objectives = list(objective or [])
     if pll:
@@ -112,7 +126,7 @@ def train_cmd(
     cfg = TrainConfig(
         features=str(features), labels=str(labels), outdir=str(outdir), model=model,
         model_options=parse_model_options(model_opt), objectives=objectives, epochs=epochs,
-        batch_size=batch_size, clean_share=clean_share, unlabeled_share=unlabeled_share, max_frames=max_frames or None, optimizer=optimizer, lr=lr,
+        batch_size=batch_size, clean_share=clean_share, unlabeled_share=unlabeled_share, sampler=sampler, max_frames=max_frames or None, optimizer=optimizer, lr=lr,
         weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_epochs=warmup,
         restart_epochs=restart_epochs, ema=ema, top_k=top_k, patience=patience,
         valid=str(valid) if valid else None, valid_labels=str(valid_labels) if valid_labels else None,

@@ -71,6 +71,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 64
     clean_share: float = DEFAULT_CLEAN_SHARE
+    sampler: str = "natural"  # natural | hnh (half-and-half positive/negative clips) | balanced (PANNs)
     unlabeled_share: float = 0.0
     max_frames: int | None = 300
     optimizer: str = "adamw"
@@ -330,12 +331,53 @@ def _batch_groups(cfg: TrainConfig, rows, lab, label_rows):
         raise UsageError("--clean-share + --unlabeled-share must be < 1")
     lr = label_rows[rows]
     groups = []
+    if cfg.sampler == "hnh":
+        groups.append((_hnh_group(rows, lab, lr), 0.5))
     if cfg.clean_share > 0:
         groups.append((rows[lab.clean[lr] >= 0], cfg.clean_share))
     if cfg.unlabeled_share > 0:
         groups.append((rows[lab.unlabeled[lr] & (lab.clean[lr] < 0)], cfg.unlabeled_share))
     groups = [g for g in groups if len(g[0])]
     return groups or None
+
+
+def _hnh_group(rows, lab, lr):
+    """Half-and-half batches (Morfi & Stowell): the rarer of positive clips (some tag) and negative
+    clips (an empty tag list) as a group filling half of every batch, oversampled; the other kind
+    fills the rest, so each epoch is one pass over the commoner kind."""
+    if lab.task != "multi" or not lab.has_tags[lr].any():
+        raise UsageError("--sampler hnh needs weak tags (a label store built with build-candidates --tags)")
+    n_tags = np.diff(lab.tags_indptr)[lr]
+    pos = rows[lab.has_tags[lr] & (n_tags > 0)]
+    neg = rows[lab.has_tags[lr] & (n_tags == 0)]
+    if len(neg) == 0:
+        raise UsageError(f"--sampler hnh: all {len(pos)} tagged training clips are positive (none has an empty "
+                         f"tag list), so half-and-half batches cannot be formed; leave --sampler hnh off")
+    if len(pos) == 0:
+        raise UsageError(f"--sampler hnh: all {len(neg)} tagged training clips are negative; leave --sampler hnh off")
+    return neg if len(neg) <= len(pos) else pos
+
+
+def _balanced_batches(cfg, rows, lab, label_rows, dist):
+    """Class-balanced (PANNs) batches over the tagged rows, or None unless --sampler balanced."""
+    if cfg.sampler != "balanced":
+        return None
+    from pllcli.sampling import ClassBalancedSampler
+    from pllcli.training.data import _rank_slice
+    lr = label_rows[rows]
+    if lab.task != "multi" or not lab.has_tags[lr].any():
+        raise UsageError("--sampler balanced needs weak tags (a label store built with build-candidates --tags)")
+    tagged = rows[lab.has_tags[lr]]
+    tl = label_rows[tagged]
+    lists = [lab.tags_indices[lab.tags_indptr[i]:lab.tags_indptr[i + 1]] for i in tl]
+    sampler = ClassBalancedSampler(lists, len(lab.classes), num_samples=len(rows), seed=cfg.seed)
+
+    def for_epoch(epoch):
+        sampler.set_epoch(epoch)
+        seq = tagged[sampler.global_sequence()]
+        out = [seq[i:i + cfg.batch_size] for i in range(0, len(seq), cfg.batch_size)]
+        return _rank_slice(out, dist.rank, dist.world)
+    return for_epoch
 
 
 def _rng_state() -> dict:
@@ -532,9 +574,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if dist.main:
         outdir.mkdir(parents=True, exist_ok=True)
     lengths_all = mem.num_frames
+    if cfg.sampler not in ("natural", "hnh", "balanced"):
+        raise UsageError(f"--sampler must be natural, hnh or balanced, got {cfg.sampler!r}")
     groups = _batch_groups(cfg, rows, lab, label_rows)
+    balanced = _balanced_batches(cfg, rows, lab, label_rows, dist)
 
     def batches_for(epoch):
+        if balanced is not None:
+            return balanced(epoch)
         return epoch_batches(rows, lengths_all, cfg.batch_size, cfg.seed, epoch, dist.rank, dist.world,
                              groups=groups)
     steps_per_epoch = len(batches_for(0))

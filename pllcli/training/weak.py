@@ -546,3 +546,69 @@ def _register_objectives():
 
 
 _register_objectives()
+
+
+# ------------------------------------------------------------------ `pllcli train --when-who MODE`
+
+def train_when_who(features, labels, outdir, mode: str = "separate", epochs: int = 10, batch_size: int = 16,
+                   lr: float = 2e-3, when_pooling: str = "attention", who_loss: str = "bce",
+                   who_sampler: str = "balanced", seed: int = 0, device: str = "auto",
+                   model_options: dict | None = None, overwrite: bool = False) -> dict:
+    """Train a WHEN/WHO model (separate, joint or tied) on the weak tags of a label store.
+
+    Writes OUTDIR/best.pt (= the final weights; there is no tag-level validation split),
+    OUTDIR/log.jsonl (per-epoch losses) and OUTDIR/summary.json; returns the summary.
+    The checkpoint's frame_logits are the transcription logit(P_WHEN(t) x P_WHO(c)), so
+    `pllcli predict --events` and `pllcli evaluate` work on it as on any frame-level model.
+    """
+    import json
+    from pathlib import Path
+
+    from pllcli.checkpoint import save_checkpoint
+    from pllcli.features import FeatureStore
+    from pllcli.io import atomic_path, provenance, write_json
+    from pllcli.labels.store import align_ids, read_label_store
+    from pllcli.models import build_model
+    from pllcli.runtime import resolve_device, set_seed
+
+    out = Path(outdir)
+    if (out / "best.pt").exists() and not overwrite:
+        raise UsageError(f"{out} already holds a training run (best.pt); use another -o")
+    fs = FeatureStore(features)
+    lab = read_label_store(labels)
+    if lab.task != "multi" or not lab.has_tags.any():
+        raise InputError("--when-who needs weak tags (a label store built with build-candidates --tags)",
+                         str(labels), field="tags")
+    lr_rows = align_ids(fs.ids, lab.ids, what=f"label store {labels}")
+    keep = np.flatnonzero(lab.has_tags[lr_rows])
+    C = len(lab.classes)
+    Y = tags_matrix(lab.tags_indptr, lab.tags_indices, C, rows=lr_rows[keep])
+    X, lengths = pad_features([fs[int(i)] for i in keep])
+    set_seed(seed)
+    dev = resolve_device(device)
+    model = build_model("whenwho", fs.feature_dim, C, shared=mode != "separate", **(model_options or {}))
+    cfg = WeakConfig(mode=mode, epochs=epochs, batch_size=batch_size, lr=lr, when_pooling=when_pooling,
+                     who_loss=who_loss, who_sampler=who_sampler, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    history = fit_when_who(model, X, lengths, Y, cfg, device=dev)
+    meta = {"kind": "classifier", "model": model.config, "classes": list(map(str, lab.classes)), "task": "multi",
+            "feature_config": fs.config.to_dict(), "feature_config_hash": fs.config_hash,
+            "train": {"when_who": dataclasses_asdict(cfg), "clips": int(len(keep))},
+            "epoch": epochs, "metrics": history[-1] if history else {},
+            "provenance": provenance(inputs={"features": features, "labels": labels})}
+    model.to("cpu")
+    save_checkpoint(out / "best.pt", model, meta)
+    with atomic_path(out / "log.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    summary = {"outdir": str(out), "mode": mode, "clips": int(len(keep)), "epochs": epochs,
+               "final": history[-1] if history else {}, "checkpoint": str(out / "best.pt")}
+    write_json(summary, out / "summary.json")
+    return summary
+
+
+def dataclasses_asdict(cfg) -> dict:
+    from dataclasses import asdict
+    d = asdict(cfg)
+    d["joint_weights"] = list(d["joint_weights"])
+    d["tasks"] = list(d["tasks"])
+    return d
