@@ -110,7 +110,7 @@ def run_demo(outdir: str | Path, size: str = "default", epochs: int | None = Non
         "--weights", "delay-prior", "--unlabeled", corpus / "unlabeled.csv",
         "--vocab", corpus / "classes.txt", "--json", labels / "chat_stats.json", "--overwrite")
     run("build-candidates (oracle)", "build-candidates", labels / "oracle.h5",
-        "--simulate-from", corpus / "oracle_labels.csv", "--set-size", 1,
+        "--simulate-from", corpus / "oracle_labels.csv", "--set-size", 1, "--clean-share", 1,
         "--unlabeled", corpus / "unlabeled.csv", "--vocab", corpus / "classes.txt", "--overwrite")
 
     common = ["--epochs", epochs, "--seed", seed]

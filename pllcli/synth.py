@@ -144,11 +144,11 @@ class DemoCorpusSpec:
     train_messages: int = 1200
     test_messages: int = 300
     words_per_message: int = 2
-    vocab_size: int = 6
+    vocab_size: int = 5
     speakers: int = 8
-    test_speakers: int = 2
+    test_speakers: int = 0  # 0: test messages from the same (chat-member) voices, as held-out takes
     sample_rate: int = 8000
-    clean_fraction: float = 0.05
+    clean_fraction: float = 0.1
     unlabeled_fraction: float = 0.2
     chat_rate: float = 0.35
     chatter_share: float = 0.25
@@ -192,7 +192,10 @@ def make_demo_corpus(out: str | Path, spec: DemoCorpusSpec | None = None) -> dic
     out = Path(out)
     (out / "audio").mkdir(parents=True, exist_ok=True)
     voices = [Speaker.random(f"spk{i}", rng) for i in range(spec.speakers)]
-    train_voices, test_voices = voices[spec.test_speakers:], voices[: spec.test_speakers]
+    if not 0 <= spec.test_speakers < spec.speakers:
+        raise ValueError("test_speakers must be in [0, speakers)")
+    train_voices = voices[spec.test_speakers:]
+    test_voices = voices[: spec.test_speakers] or train_voices
     sr = spec.sample_rate
 
     def style(text: str) -> str:

@@ -36,7 +36,7 @@ def test_synth_word_is_deterministic_and_speaker_dependent():
 def test_demo_corpus_layout_and_scenario(tmp_path):
     spec = DemoCorpusSpec(train_messages=60, test_messages=10, seed=3)
     info = make_demo_corpus(tmp_path, spec)
-    assert info["classes"] == 36 == len(spec.classes())
+    assert info["classes"] == 25 == len(spec.classes())
     voice, chat = _rows(tmp_path / "voice.csv"), _rows(tmp_path / "chat.csv")
     truth = {r["id"]: r for r in _rows(tmp_path / "truth.csv")}
     assert len(truth) == 70 and info["counts"]["typed"] == len(voice)
@@ -66,7 +66,7 @@ def test_demo_runs_end_to_end_tiny(tmp_path):
     f = out["figures"]
     for k in ("pll_test_accuracy", "oracle_test_accuracy", "disambiguation_accuracy"):
         assert 0.0 <= f[k] <= 1.0
-    assert f["classes"] == 36
+    assert f["classes"] == 25
     for path in out["artefacts"].values():
         assert (tmp_path / "d").as_posix() in path
     assert (tmp_path / "d" / "runs" / "pll" / "model.onnx").stat().st_size > 0

@@ -52,6 +52,7 @@ from pllcli.errors import CheckpointError, ConfigMismatchError, InputError, Trai
 log = logging.getLogger(__name__)
 
 DEFAULT_OBJECTIVES = ("cc:eps=0,start=3", "ce")  # see the module docstring
+DEFAULT_OBJECTIVES_NO_CLEAN = ("cc:eps=0",)       # the default for a store without clean labels
 DEFAULT_CLEAN_SHARE = 0.25
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("cosine", "cosine-restarts", "onecycle", "poly", "constant")
@@ -425,7 +426,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if not cfg.objectives:
         raise UsageError("no objectives given")
     outdir = Path(cfg.outdir)
-    objectives = [build_objective(s) for s in cfg.objectives]
     try:
         aug_cfg = AugmentConfig(**cfg.augment)
     except TypeError as e:
@@ -436,6 +436,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if C < 2:
         raise TrainingError(f"{cfg.labels}: the label store has {C} class(es); training needs at least 2")
     task = lab.task
+    if list(cfg.objectives) == list(DEFAULT_OBJECTIVES) and not (lab.clean[label_rows] >= 0).any():
+        # the default's warm start learns from clean items; without any, start the PLL loss at once
+        log.info("no clean labels: the default recipe starts its candidate-set loss at epoch 0")
+        cfg = dataclasses.replace(cfg, objectives=list(DEFAULT_OBJECTIVES_NO_CLEAN))
+    objectives = [build_objective(s) for s in cfg.objectives]
 
     # ---- rows: training, validation
     rows = _select_rows(objectives, lab, label_rows)
@@ -697,7 +702,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         rec["time_s"] = round(train_time, 3)
         rec["data_wait_share"] = round(pf.wait / max(1e-9, train_time), 4)
         rec["items_per_s"] = round(n_items * dist.world / max(1e-9, train_time), 1)
-        improved = best_val is None or (value > best_val if higher else value < best_val)
+        if len(valid_rows):
+            improved = best_val is None or (value > best_val if higher else value < best_val)
+            rank_value, rank_higher = value, higher
+        else:
+            # No validation split: training losses of epochs with different objective mixes
+            # (warm start, ramp-ups) are not comparable, so the latest epoch is the best one.
+            improved, rank_value, rank_higher = True, float(epoch + 1), True
         if improved:
             best_val, bad_epochs = value, 0
         else:
@@ -711,8 +722,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             # top-k checkpoints (by the monitored value) for weight averaging
             if cfg.top_k > 0:
                 tk_path = outdir / "topk" / f"epoch{epoch + 1:04d}.pt"
-                topk.append({"epoch": epoch + 1, "value": value, "path": str(tk_path)})
-                topk.sort(key=lambda r: -r["value"] if higher else r["value"])
+                topk.append({"epoch": epoch + 1, "value": rank_value, "path": str(tk_path)})
+                topk.sort(key=lambda r: -r["value"] if rank_higher else r["value"])
                 save_checkpoint(tk_path, eval_model, meta)
                 for r in topk[cfg.top_k:]:
                     Path(r["path"]).unlink(missing_ok=True)
