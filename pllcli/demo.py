@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 SIZES = {
     # name: (train messages, test messages, epochs)
-    "default": (1500, 300, 20),
+    "default": (1500, 300, 12),
     "small": (500, 150, 10),
     "tiny": (120, 40, 2),
 }
