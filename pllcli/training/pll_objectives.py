@@ -74,6 +74,35 @@ class _BufferedPLL(Objective):
         return {f"{self.name}_conf_max": float(self.buf.conf[s].max(1).values.mean())}
 
 
+class _ReestimatedPLL(_BufferedPLL):
+    """A loss on (logits, candidates, confidences) whose confidences are re-estimated from the
+    model after each step (PRODEN, LWS): subclasses define `item_loss` and `new_confidence`."""
+
+    def item_loss(self, logits, cand, conf):
+        """(B,) loss of candidate items given their current confidences."""
+        raise NotImplementedError
+
+    def new_confidence(self, logits, cand):
+        """(B, C) confidences re-estimated from the model's (detached) logits."""
+        raise NotImplementedError
+
+    def loss(self, ctx):
+        m = ctx.mask("candidates")
+        if not m.any():
+            return None
+        idx, cand, logits = ctx.batch["index"][m], ctx.batch["candidates"][m], ctx.out["logits"][m]
+        out = self.item_loss(logits, cand, self.buf.get(idx, cand)).mean()
+        self.buf.set(idx, self.new_confidence(logits.detach(), cand), self._dist)
+        return out
+
+    def observe(self, ctx):
+        """Warm-up (weight 0): confidences still follow the model, restricted to the candidates."""
+        m = ctx.mask("candidates")
+        if m.any():
+            idx, cand = ctx.batch["index"][m], ctx.batch["candidates"][m]
+            self.buf.set(idx, self.new_confidence(ctx.out["logits"][m].detach(), cand), self._dist)
+
+
 @register_objective("ce")
 class CrossEntropy(Objective):
     """Cross-entropy on items with a clean label (label smoothing, mixup=alpha optional)."""
@@ -117,29 +146,18 @@ class CC(Objective):
 
 
 @register_objective("proden")
-class Proden(_BufferedPLL):
+class Proden(_ReestimatedPLL):
     """PRODEN/RC: confidence-weighted CE, confidences re-estimated from the model (x prior, eps outside)."""
 
     def __init__(self, eps: float = 0.0, **kw):
         super().__init__(**kw)
         self.eps = float(eps)
 
-    def loss(self, ctx):
-        m = ctx.mask("candidates")
-        if not m.any():
-            return None
-        idx, cand, logits = ctx.batch["index"][m], ctx.batch["candidates"][m], ctx.out["logits"][m]
-        target = self.buf.get(idx, cand)
-        out = pll.soft_ce(logits, target).mean()
-        self.buf.set(idx, pll.proden_confidence(logits.detach(), cand, self.eps), self._dist)
-        return out
+    def item_loss(self, logits, cand, conf):
+        return pll.soft_ce(logits, conf)
 
-    def observe(self, ctx):
-        """Warm-up (weight 0): confidences still follow the model, restricted to the candidates."""
-        m = ctx.mask("candidates")
-        if m.any():
-            idx, cand = ctx.batch["index"][m], ctx.batch["candidates"][m]
-            self.buf.set(idx, pll.proden_confidence(ctx.out["logits"][m].detach(), cand, self.eps), self._dist)
+    def new_confidence(self, logits, cand):
+        return pll.proden_confidence(logits, cand, self.eps)
 
 
 register_objective("rc")(type("RC", (Proden,), {"__doc__": "RC: same as proden (alias)."}))
@@ -147,7 +165,7 @@ register_objective("proden")(Proden)
 
 
 @register_objective("lws")
-class LWS(_BufferedPLL):
+class LWS(_ReestimatedPLL):
     """LWS: leveraged weighted sigmoid loss (beta weighs the non-candidate term)."""
 
     init = staticmethod(pll.lws_initial_confidence)
@@ -156,21 +174,11 @@ class LWS(_BufferedPLL):
         super().__init__(**kw)
         self.beta = float(beta)
 
-    def loss(self, ctx):
-        m = ctx.mask("candidates")
-        if not m.any():
-            return None
-        idx, cand, logits = ctx.batch["index"][m], ctx.batch["candidates"][m], ctx.out["logits"][m]
-        conf = self.buf.get(idx, cand)
-        out = pll.lws_loss(logits, cand, conf, self.beta).mean()
-        self.buf.set(idx, pll.lws_confidence(logits.detach(), cand), self._dist)
-        return out
+    def item_loss(self, logits, cand, conf):
+        return pll.lws_loss(logits, cand, conf, self.beta)
 
-    def observe(self, ctx):
-        m = ctx.mask("candidates")
-        if m.any():
-            idx, cand = ctx.batch["index"][m], ctx.batch["candidates"][m]
-            self.buf.set(idx, pll.lws_confidence(ctx.out["logits"][m].detach(), cand), self._dist)
+    def new_confidence(self, logits, cand):
+        return pll.lws_confidence(logits, cand)
 
 
 @register_objective("pico")
