@@ -361,6 +361,8 @@ def pretrain(stores: Sequence[str | Path], out: str | Path, cfg: PretrainConfig,
     out = Path(out)
     resume_path = out.with_name(out.name + ".resume.pt")
     log_path = Path(log_path) if log_path is not None else out.with_name(out.stem + ".log.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     params_dict = {k: v for k, v in asdict(cfg).items()}
     start_epoch = 0
     if resume and resume_path.exists():

@@ -74,7 +74,7 @@ def test_span_mask_ratio():
 def test_pretrain_writes_encoder_checkpoint_loadable_by_model(stores, tmp_path, objective):
     from pllcli.checkpoint import load_checkpoint
     from pllcli.models import build_model
-    out = tmp_path / "enc.pt"
+    out = tmp_path / "new" / "dir" / "enc.pt"  # missing folders are created
     s = pretrain([stores / "a.h5", stores / "b.h5"], out,
                  PretrainConfig(objective=objective, epochs=2, batch_size=8, model_options=MOPT), progress=False)
     assert s["clips"] == 20 and math.isfinite(s["final_loss"])
@@ -85,7 +85,7 @@ def test_pretrain_writes_encoder_checkpoint_loadable_by_model(stores, tmp_path, 
     load_encoder_into(model, out)
     assert torch.equal(model.encoder.norm.mean, state["encoder.norm.mean"])
     assert model.encoder.norm.std.min() > 0.5              # stats were set from the data
-    lines = [json.loads(ln) for ln in (tmp_path / "enc.log.jsonl").read_text().splitlines()]
+    lines = [json.loads(ln) for ln in (out.parent / "enc.log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2] and all("loss" in r for r in lines)
 
 
