@@ -17,8 +17,8 @@ def train_cmd(
     model_opt: Annotated[Optional[list[str]], typer.Option(
         "--model-opt", help="Model option KEY=VALUE (repeatable), e.g. width=16.")] = None,
     objective: Annotated[Optional[list[str]], typer.Option(
-        "--objective", help="NAME[:KEY=VALUE,...] (repeatable); default 'cc:eps=0,start=3' + 'ce' (clean warm "
-                            "start for 3 epochs, then CC with the candidate weights as prior). Common "
+        "--objective", help="NAME[:KEY=VALUE,...] (repeatable); default 'cr:eps=0.01' + 'ce' (CR-DPLL on the "
+                            "candidate sets with their weights as prior, plus CE on clean items). Common "
                             "keys: weight, schedule (constant|linear|sigmoid), start, end.")] = None,
     pll: Annotated[Optional[str], typer.Option(
         "--pll", help="Shortcut: the candidate-set loss (cc, proden, rc, lws, pico, cr, mse) with defaults.")] = None,
