@@ -35,6 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_chat  # noqa: E402  (the scoring shared with the PLL benchmark)
+from bench_chat import read_csv  # noqa: E402,F401
+
 DIGITS = "zero one two three four five six seven eight nine".split()
 
 
@@ -46,38 +50,16 @@ def cli(*args):
     return time.perf_counter() - t
 
 
-def read_csv(path, key="id", val="label"):
-    with open(path, newline="") as f:
-        return {r[key]: r[val] for r in csv.DictReader(f)}
-
-
 def merge_stores(parts, out):
-    from pllcli.features.store import FeatureStore, write_feature_store
-    items, config = [], None
-    for p in parts:
-        fs = FeatureStore(p)
-        if config is None:
-            config = fs.config
-        f, o = fs.load_all()
-        items += [{"id": str(i), "features": f[o[k]:o[k + 1]], "duration": float(fs.durations[k])}
-                  for k, i in enumerate(fs.ids)]
-    write_feature_store(out, config, items)
+    from pllcli.features.store import merge_feature_stores
+    merge_feature_stores(out, parts, order_by_shard=False)
 
 
 def score(ckpt, train_h5, test_h5, lab, lrows, y_train, y_test, typed):
-    from pllcli.checkpoint import load_model
-    from pllcli.features import FeatureStore
-    from pllcli.predict import infer
-    from pllcli.training.data import InMemoryFeatures
-    model, _ = load_model(ckpt)
-    out = {}
-    for name, path in (("test", test_h5), ("train", train_h5)):
-        f, o = FeatureStore(path).load_all()
-        out[name] = infer(model, InMemoryFeatures(f, o), None, "cpu", 128)["logits"]
-    test_acc = float((out["test"].argmax(1) == y_test).mean())
-    cand = lab.candidate_matrix(lrows)
-    restricted = np.where(cand > 0, out["train"], -np.inf).argmax(1)
-    return test_acc, float((restricted == y_train)[typed].mean())
+    """(test accuracy, disambiguation accuracy): bench_chat.score without the missing-truth split."""
+    test_acc, figs = bench_chat.score(ckpt, train_h5, test_h5, lab, lrows, y_train, y_test, typed,
+                                      np.ones_like(typed))
+    return test_acc, figs["disambiguation_accuracy"]
 
 
 def main():
