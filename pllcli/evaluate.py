@@ -174,7 +174,6 @@ def _float(s, name, ln, col) -> float:
 def score_checkpoint(checkpoint, features, *, batch_size: int = 32, device: str = "cpu") -> Scores:
     """Run a classifier checkpoint on every item of a feature store."""
     import numpy as np
-    import torch
     from pllcli.checkpoint import load_model
     from pllcli.features.store import FeatureStore
     from pllcli.runtime import resolve_device
@@ -191,39 +190,24 @@ def score_checkpoint(checkpoint, features, *, batch_size: int = 32, device: str 
             detail = f" ({e})"
         raise ConfigMismatchError(f"{features}: feature config hash {fs.config_hash} differs from the "
                                   f"checkpoint's {want}{detail}; featurize the audio with the checkpoint's config")
+    from pllcli.events import frame_hop as _frame_hop
+    from pllcli.predict import infer, probabilities
+    from pllcli.training.data import InMemoryFeatures
     classes = [str(c) for c in meta["classes"]]
     task = meta.get("task", "single")
     ids = [str(i) for i in fs.ids]
     durations = np.asarray(fs.durations, dtype=np.float64)
-    hop_in = fs.config.hop_length / fs.config.sample_rate
-    probs = np.zeros((len(ids), len(classes)))
+    feats, offsets = fs.load_all()
+    mem = InMemoryFeatures(feats, offsets, dev)
+    res = infer(model, mem, None, dev, batch_size, optional=("frame_logits",))
+    probs = probabilities(res["logits"], task).astype(np.float64)
     frame_probs, frame_hop = {}, {}
-    order = np.argsort(np.asarray(fs.num_frames), kind="stable")  # similar lengths: less padding
-    # pad with the input-normalisation mean (as training and `pllcli predict` do)
-    pad = getattr(getattr(getattr(model, "encoder", None), "norm", None), "mean", None)
-    pad = pad.detach().cpu().float() if pad is not None else None
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            feats = [np.asarray(fs[int(i)], dtype=np.float32) for i in rows]
-            lens = torch.tensor([f.shape[0] for f in feats])
-            x = torch.zeros(len(feats), int(lens.max()), feats[0].shape[1])
-            if pad is not None:
-                x[:] = pad
-            for j, f in enumerate(feats):
-                x[j, :f.shape[0]] = torch.from_numpy(f)
-            out = model(x.to(dev), lens.to(dev))
-            logits = out["logits"].float()
-            p = torch.sigmoid(logits) if task == "multi" else torch.softmax(logits, dim=-1)
-            probs[rows] = p.cpu().double().numpy()
-            if "frame_logits" in out:
-                fl = torch.sigmoid(out["frame_logits"].float()).cpu().numpy()
-                flen = out.get("frame_lengths")
-                flen = flen.cpu().numpy() if flen is not None else np.full(len(rows), fl.shape[1])
-                stride = x.shape[1] / fl.shape[1]
-                for j, i in enumerate(rows):
-                    frame_probs[ids[i]] = fl[j, :int(flen[j])]
-                    frame_hop[ids[i]] = hop_in * stride
+    if "frame_logits" in res:  # the same frame outputs and hop as `pllcli predict --events`
+        fp = 1.0 / (1.0 + np.exp(-res["frame_logits"]))
+        for k, item in enumerate(ids):
+            t = max(1, int(res["frame_lengths"][k]))
+            frame_probs[item] = fp[k, :t]
+            frame_hop[item] = _frame_hop(float(durations[k]), t)
     return Scores(ids=ids, classes=classes, probs=probs, task=task,
                   frame_probs=frame_probs or None, frame_hop=frame_hop or None,
                   durations=dict(zip(ids, durations.tolist())),

@@ -16,9 +16,11 @@ from pllcli.errors import InputError, UsageError
 
 
 def infer(model, feats, rows=None, device="cpu", batch_size: int = 64, max_frames: int | None = None,
-          amp: bool = False, outputs=("logits",)) -> dict[str, np.ndarray]:
+          amp: bool = False, outputs=("logits",), optional=()) -> dict[str, np.ndarray]:
     """Run `model` (eval) on store rows (sorted by length for little padding; full length unless
-    `max_frames`); returns {name: (N, ...) np.float32} in the order of `rows`."""
+    `max_frames`); returns {name: (N, ...) np.float32} in the order of `rows` for every name in
+    `outputs` (required) and in `optional` (kept when the model gives it), plus "frame_lengths"
+    (N,) with "frame_logits"."""
     import torch
     rows = np.arange(len(feats.num_frames)) if rows is None else np.asarray(rows, np.int64)
     order = np.argsort(feats.num_frames[rows], kind="stable")
@@ -36,6 +38,9 @@ def infer(model, feats, rows=None, device="cpu", batch_size: int = 64, max_frame
             x, lens = x.to(dev, non_blocking=True), lens.to(dev)
             with torch.autocast(dev.type, enabled=amp and dev.type == "cuda"):
                 out = model(x, lens)
+            if s == 0:
+                outputs = tuple(outputs) + tuple(k for k in optional if k in out and k not in outputs)
+                res.update({k: [] for k in outputs if k not in res})
             for k in outputs:
                 if k not in out:
                     raise UsageError(f"this model has no {k!r} output (a frame-level model such as "

@@ -29,7 +29,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pllcli.errors import CheckpointError, InputError, TrainingError, UsageError

@@ -583,7 +583,8 @@ def train_when_who(features, labels, outdir, mode: str = "separate", epochs: int
     keep = np.flatnonzero(lab.has_tags[lr_rows])
     C = len(lab.classes)
     Y = tags_matrix(lab.tags_indptr, lab.tags_indices, C, rows=lr_rows[keep])
-    X, lengths = pad_features([fs[int(i)] for i in keep])
+    feats, offsets = fs.load_all()  # one read, not one per clip
+    X, lengths = pad_features([feats[offsets[i]:offsets[i + 1]] for i in keep])
     set_seed(seed)
     dev = resolve_device(device)
     model = build_model("whenwho", fs.feature_dim, C, shared=mode != "separate", **(model_options or {}))
