@@ -9,7 +9,10 @@ imported before the clock starts, for the naive loop and for featurize alike:
 - naive: per file soundfile.read -> torchaudio.functional.resample -> MelSpectrogram -> log,
   one file at a time, 1 torch thread, features not written (a conservative baseline);
 - featurize --jobs 1 and --jobs 2 on the corpus (manifest), HDF5 written;
-- featurize --jobs 1 on the corpus listed 4 times with distinct ids (peak RSS vs corpus size).
+- featurize --jobs 1 and --jobs 2 on the corpus listed 4 times with distinct ids (scaling
+  on a longer run; peak RSS vs corpus size).
+`--rows` picks the measurements (default all); `cpu s` counts the CPU time of the
+measured process and its workers, a steadier figure than wall time on a shared machine.
 `--layout N` adds the storage-layout comparison (ragged vs one dataset per clip) for N clips.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+ROWS = ("naive", "jobs1", "jobs2", "jobs1_x4", "jobs2_x4")
 
 def _peak_rss_mb() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -30,14 +34,20 @@ def _peak_rss_mb() -> float:
     return max(own, kids) / 1024.0
 
 
-def _cpu_s() -> float:
+def _cpu_split() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and of its finished child processes."""
     a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+    return a.ru_utime + a.ru_stime, b.ru_utime + b.ru_stime
+
+
+def _cpu_s() -> float:
+    return sum(_cpu_split())
 
 
 def _child(args) -> dict:
     import torch
-    import torchaudio  # noqa: F401  (imported before the clock, as for featurize)
+    import torchaudio  # imported before the clock, as for featurize
+    del torchaudio
     torch.set_num_threads(1)
     from pllcli.features.config import FeatureConfig
     cfg = FeatureConfig.preset(args.preset)
@@ -62,14 +72,16 @@ def _child(args) -> dict:
                 "cpu_s": _cpu_s() - c0, "x_rt": audio / wall, "peak_rss_mb": _peak_rss_mb()}
     from pllcli.features.extract import featurize
     out = Path(args.work) / f"{args.child}.h5"
-    t0, c0 = time.perf_counter(), _cpu_s()
+    t0, (p0, w0) = time.perf_counter(), _cpu_split()
     s = featurize(args.manifest, out, cfg, jobs=args.jobs, overwrite=True, progress=False,
                   chunk_size=args.chunk_size)
     wall = time.perf_counter() - t0
+    p1, w1 = _cpu_split()
     size = out.stat().st_size
     out.unlink()
     return {"mode": args.child, "jobs": args.jobs, "files": s["files_done"], "audio_s": s["audio_seconds"],
-            "wall_s": wall, "cpu_s": _cpu_s() - c0, "x_rt": s["audio_seconds"] / wall, "store_mb": size / 2**20,
+            "wall_s": wall, "cpu_s": p1 + w1 - p0 - w0, "cpu_parent_s": p1 - p0, "cpu_workers_s": w1 - w0,
+            "x_rt": s["audio_seconds"] / wall, "store_mb": size / 2**20,
             "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -149,13 +161,17 @@ def main() -> None:
     ap.add_argument("--work", default="/work/runs/features/bench", help="scratch folder for stores")
     ap.add_argument("--json", help="write the figures as JSON here")
     ap.add_argument("--preset", default="speech8k")
-    ap.add_argument("--chunk-size", type=int, default=512)
+    ap.add_argument("--chunk-size", type=int, default=None, help="files per chunk (default: featurize's)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement (best is reported)")
+    ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="measurements to run")
     ap.add_argument("--layout", type=int, nargs="*", default=[], help="clip counts for the layout comparison")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--manifest", help=argparse.SUPPRESS)
     ap.add_argument("--jobs", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.chunk_size is None:
+        from pllcli.features.extract import DEFAULT_CHUNK
+        args.chunk_size = DEFAULT_CHUNK
     if args.child:
         print(json.dumps(_child(args)))
         return
@@ -176,25 +192,33 @@ def main() -> None:
         r["runs_wall_s"] = [round(x["wall_s"], 3) for x in runs]
         return r
 
-    res = {"data": args.data, "files": len(files), "preset": args.preset, "cpu_count": os.cpu_count(),
-           "loadavg_start": os.getloadavg()}
-    res["naive"] = best("naive", m1)
-    res["jobs1"] = best("jobs1", m1, 1)
-    res["jobs2"] = best("jobs2", m1, 2)
-    res["jobs1_x4"] = best("jobs1_x4", m4, 1)
-    res["speedup_vs_naive"] = res["jobs1"]["x_rt"] / res["naive"]["x_rt"]
-    res["scaling_1_to_2_jobs"] = res["jobs2"]["x_rt"] / res["jobs1"]["x_rt"]
-    res["rss_ratio_x4"] = res["jobs1_x4"]["peak_rss_mb"] / res["jobs1"]["peak_rss_mb"]
+    res = {"data": args.data, "files": len(files), "preset": args.preset, "chunk_size": args.chunk_size,
+           "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()}
+    for row in args.rows:
+        mode, _, x4 = row.partition("_")
+        res[row] = best(row, m4 if x4 else m1, 2 if mode == "jobs2" else 1)
     res["loadavg_end"] = os.getloadavg()
+    ratios = [("speedup_vs_naive", "jobs1", "naive", "jobs1 / naive"),
+              ("scaling_1_to_2_jobs", "jobs2", "jobs1", "jobs2 / jobs1"),
+              ("scaling_1_to_2_jobs_x4", "jobs2_x4", "jobs1_x4", "jobs2 / jobs1 (x4)")]
+    for key, a, b, _ in ratios:
+        if a in res and b in res:
+            res[key] = res[a]["x_rt"] / res[b]["x_rt"]
+    if "jobs1" in res and "jobs1_x4" in res:
+        res["rss_ratio_x4"] = res["jobs1_x4"]["peak_rss_mb"] / res["jobs1"]["peak_rss_mb"]
     print(f"load average (1 min) at start {res['loadavg_start'][0]:.2f}, at end {res['loadavg_end'][0]:.2f} "
-          f"on {os.cpu_count()} CPUs (other users' jobs compete for the cores)")
-    print(f"{'run':<12}{'files':>7}{'audio s':>10}{'wall s':>9}{'cpu s':>8}{'x RT':>9}{'peak RSS MB':>13}")
-    for k in ("naive", "jobs1", "jobs2", "jobs1_x4"):
+          f"on {os.cpu_count()} CPUs (other users' jobs compete for the cores); chunk size {args.chunk_size}")
+    print(f"{'run':<12}{'files':>7}{'audio s':>10}{'wall s':>9}{'cpu s':>8}{'parent/workers':>16}{'x RT':>8}"
+          f"{'peak RSS MB':>13}  wall s of each run")
+    for k in args.rows:
         r = res[k]
-        print(f"{k:<12}{r['files']:>7}{r['audio_s']:>10.1f}{r['wall_s']:>9.3f}{r['cpu_s']:>8.3f}{r['x_rt']:>9.0f}"
-              f"{r['peak_rss_mb']:>13.0f}")
-    print(f"jobs1 / naive = {res['speedup_vs_naive']:.2f}x   jobs2 / jobs1 = {res['scaling_1_to_2_jobs']:.2f}x   "
-          f"RSS x4 corpus / corpus = {res['rss_ratio_x4']:.2f}")
+        split = f"{r['cpu_parent_s']:.3f}/{r['cpu_workers_s']:.3f}" if "cpu_parent_s" in r else "-"
+        print(f"{k:<12}{r['files']:>7}{r['audio_s']:>10.1f}{r['wall_s']:>9.3f}{r['cpu_s']:>8.3f}{split:>16}"
+              f"{r['x_rt']:>8.0f}{r['peak_rss_mb']:>13.0f}  {' '.join(f'{w:.3f}' for w in r['runs_wall_s'])}")
+    line = [f"{label} = {res[key]:.2f}x" for key, _, _, label in ratios if key in res]
+    if "rss_ratio_x4" in res:
+        line.append(f"RSS x4 corpus / corpus = {res['rss_ratio_x4']:.2f}")
+    print("   ".join(line))
     if args.layout:
         res["layout"] = []
         print(f"\n{'layout':<10}{'clips':>8}{'write s':>9}{'open s':>9}{'rand ms':>9}{'all s':>8}{'MB':>8}")

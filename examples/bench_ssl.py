@@ -108,6 +108,7 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=15, help="epochs of the semi-supervised runs (1 epoch = 1 pass over the unlabeled clips)")
     ap.add_argument("--sup-epochs", type=int, default=60, help="epochs of the 50-label supervised runs (batch 16)")
     ap.add_argument("--full-epochs", type=int, default=12)
+    ap.add_argument("--student-epochs", type=int, default=15, help="epochs of each self-training student")
     ap.add_argument("--pretrain-epochs", type=int, default=30)
     ap.add_argument("--clean-share", type=float, default=0.25, help="labelled share of every semi-supervised batch")
     ap.add_argument("--threshold", type=float, default=0.9, help="pseudo-label confidence threshold")
@@ -141,21 +142,22 @@ def main(argv=None):
     commands = dict(prev.get("commands", {}))
     for m in filter(None, (x.strip() for x in args.redo_methods.split(","))):
         results.pop(m, None)
-    enc = work / f"enc_contrastive_e{args.pretrain_epochs}.pt"
+    encs = {obj: work / f"enc_{obj}_e{args.pretrain_epochs}_v2.pt" for obj in ("contrastive", "masked")}
 
     def outdir_of(name):
         return work / ("run_" + name.replace(" ", "_").replace(":", "").replace("+", "_"))
 
-    def need_encoder():
+    def need_encoder(objective="contrastive"):
+        enc = encs[objective]
         if not enc.exists():
             t = time.time()
-            pretrain([paths["semi"][0]], enc, PretrainConfig(objective="contrastive", model_options=mopt,
+            pretrain([paths["semi"][0]], enc, PretrainConfig(objective=objective, model_options=mopt,
                      epochs=args.pretrain_epochs, batch_size=128, lr=2e-3, crop_frames=80, seed=args.seed),
                      progress=False)
-            timings["(contrastive pretrain)"] = round(time.time() - t, 1)
-            commands["(contrastive pretrain)"] = (f"pllcli pretrain {paths['semi'][0]} -o {enc} --objective contrastive "
-                                                 f"--epochs {args.pretrain_epochs} --crop 0.8 "
-                                                 + " ".join(f"--model-opt {k}={v}" for k, v in mopt.items()))
+            timings[f"({objective} pretrain)"] = round(time.time() - t, 1)
+            commands[f"({objective} pretrain)"] = (f"pllcli pretrain {paths['semi'][0]} -o {enc} --objective {objective} "
+                                                   f"--epochs {args.pretrain_epochs} --crop 0.8 "
+                                                   + " ".join(f"--model-opt {k}={v}" for k, v in mopt.items()))
         return str(enc)
 
     def need_pseudo():
@@ -181,7 +183,7 @@ def main(argv=None):
         return str(out)
 
     ramp = f"schedule=sigmoid,start=0,end={max(1, E // 3)}"
-    strong = {"time_masks": 2, "time_width": 0.15, "freq_masks": 2, "freq_width": 8}
+    strong = {"time_masks": 2, "time_width": 0.15, "freq_masks": 2, "freq_width": 8, "freq_warp": 0.1, "time_warp": 0.2}
     fm = f"fixmatch:threshold=0.9,{ramp}"
     # name: (store, objectives, epochs, TrainConfig extras)
     runs = {
@@ -193,6 +195,12 @@ def main(argv=None):
         "fixmatch": ("semi", ["ce", fm], E, {}),
         "pretrain+finetune": ("few", ["ce"], SE, {"batch_size": 16, "clean_share": 0.0, "init": "enc"}),
         "pretrain+linear": ("few", ["ce"], SE, {"batch_size": 16, "clean_share": 0.0, "init": "enc", "freeze": True}),
+        "masked pretrain+finetune": ("few", ["ce"], SE, {"batch_size": 16, "clean_share": 0.0, "init": "enc:masked"}),
+        "masked pretrain+linear": ("few", ["ce"], SE, {"batch_size": 16, "clean_share": 0.0, "init": "enc:masked",
+                                                       "freeze": True}),
+        # curriculum self-training: teacher = supervised row; each round pseudo-labels the top
+        # 25/50/75/100% of every class's share of the unlabeled clips and trains a fresh student
+        "self-training (4 rounds)": ("rounds", ["ce", "distill:alpha=1"], args.student_epochs, {}),
         "pretrain+fixmatch": ("semi", ["ce", fm], E, {"init": "enc"}),
         # self-training: soft labels from the FixMatch teachers, student from the pretrained encoder
         "pseudo-label student": ("pseudo", ["ce", "distill:alpha=1", fm], E, {"init": "enc"}),
@@ -215,6 +223,38 @@ def main(argv=None):
             tmp.replace(jpath)
         return best, full
 
+    def self_training(name, objs, epochs, extra):
+        import shutil
+        teacher = outdir_of("supervised") / "last.pt"
+        if not teacher.exists():
+            sys.exit("the self-training row needs the supervised row first")
+        n_unl = sizes["train"] - sizes["labeled"]
+        rounds = []
+        for r, frac in enumerate((0.25, 0.5, 0.75, 1.0), 1):
+            pl = work / f"selftrain_r{r}.h5"
+            pl.unlink(missing_ok=True)
+            pseudo_label(paths["semi"][0], [teacher], paths["semi"][1], pl, only_unlabeled=True,
+                         top_n_per_class=int(round(frac * n_unl / len(CLASSES))), device="cpu")
+            from pllcli.labels.store import read_label_store
+            d = read_label_store(pl)
+            kept = np.flatnonzero(d.has_soft)
+            ok = np.mean([int(d.classes[d.soft(q)[0][np.argmax(d.soft(q)[1])]]) == int(str(d.ids[q]).split("_")[0])
+                          for q in kept])
+            outdir = work / f"run_selftrain_r{r}"
+            shutil.rmtree(outdir, ignore_errors=True)
+            cfg = TrainConfig(features=str(paths["semi"][0]), labels=str(pl), outdir=str(outdir), model="convgru",
+                              model_options=mopt, objectives=objs, epochs=epochs, valid_fraction=0.0, seed=args.seed,
+                              device="cpu", progress=False, threads=args.threads, lr=3e-3, top_k=0, augment=strong,
+                              batch_size=64, clean_share=args.clean_share)
+            train(cfg)
+            teacher = outdir / "last.pt"
+            acc = accuracy(teacher, paths["test"][0])
+            rounds.append({"round": r, "pseudo_labels": int(len(kept)), "pseudo_label_acc": round(float(ok), 4),
+                           "student_acc": round(acc, 4)})
+            print(f"  self-training round {r}: {len(kept)} pseudo labels (acc {ok:.3f}) -> student {acc:.4f}",
+                  file=sys.stderr, flush=True)
+        return acc, rounds
+
     for name in wanted:
         if name not in runs:
             sys.exit(f"unknown method {name!r}; choose from {', '.join(runs)}")
@@ -223,9 +263,18 @@ def main(argv=None):
             continue
         split, objs, epochs, extra = runs[name]
         extra = dict(extra)
-        if extra.get("init") == "enc":
-            extra["init"] = need_encoder()
+        if str(extra.get("init", "")).startswith("enc"):
+            extra["init"] = need_encoder(extra["init"].partition(":")[2] or "contrastive")
         t = time.time()
+        if split == "rounds":
+            acc, info = self_training(name, objs, epochs, extra)
+            timings[name], results[name] = round(time.time() - t, 1), acc
+            extra_info["self_training"] = info
+            commands[name] = "see self_training() in examples/bench_ssl.py: pllcli pseudo-label --top-n-per-class N " \
+                             "--only-unlabeled, then pllcli train --objective ce --objective distill:alpha=1, 4 rounds"
+            print(f"{name:24s} acc {acc:.4f}  ({timings[name]:.0f}s)", file=sys.stderr, flush=True)
+            dump()
+            continue
         if split == "pseudo":
             feats, labels = str(paths["semi"][0]), need_pseudo()
         else:
@@ -258,8 +307,9 @@ def main(argv=None):
     for k, v in results.items():
         rel = f"{v / full:7.3f}" if full else "      -"
         print(f"{k:24s} {v:9.4f} {rel} {timings.get(k, 0):8.0f}")
-    if "(contrastive pretrain)" in timings:
-        print(f"{'(contrastive pretrain)':24s} {'':9s} {'':7s} {timings['(contrastive pretrain)']:8.0f}")
+    for obj in ("contrastive", "masked"):
+        if f"({obj} pretrain)" in timings:
+            print(f"{f'({obj} pretrain)':24s} {'':9s} {'':7s} {timings[f'({obj} pretrain)']:8.0f}")
     if best and full:
         print(f"best few-label: {best} {results[best]:.4f}; best/full = {results[best] / full:.3f} (target >= 0.95)")
 

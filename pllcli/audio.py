@@ -60,6 +60,54 @@ def _looks_like_text(head: bytes) -> bool:
     return all(ch.isprintable() or ch in "\r\n\t" for ch in s.rstrip("\x00"))
 
 
+# (format tag, bits) -> (numpy dtype, scale to [-1, 1)), as libsndfile scales (x / 2**15, x / 2**31)
+_WAV_DTYPES = {(1, 16): ("<i2", 1 / 32768.0), (1, 32): ("<i4", 1 / 2147483648.0), (3, 32): ("<f4", None)}
+
+
+def _wav_layout(data: bytes) -> tuple | str | None:
+    """Where the samples of a RIFF/WAVE file held in memory are.
+
+    Returns (dtype, scale, sample rate, channels, data offset, frames) for an encoding handled
+    here (dtype None otherwise), a message string if the data chunk is truncated, or None
+    when `data` is not RIFF/WAVE.
+    """
+    size = len(data)
+    if size < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    pos, fmt = 12, None
+    unpack = struct.unpack_from
+    while pos + 8 <= size:
+        cid, clen = data[pos:pos + 4], unpack("<I", data, pos + 4)[0]
+        if cid == b"fmt " and clen >= 16 and pos + 8 + clen <= size:
+            tag, ch, sr, _, _, bits = unpack("<HHIIHH", data, pos + 8)
+            if tag == 0xFFFE and clen >= 40:
+                tag = unpack("<H", data, pos + 8 + 24)[0]
+            fmt = (tag, ch, sr, bits)
+        elif cid == b"data":
+            if clen in (0, 0xFFFFFFFF) or fmt is None:  # streaming writers leave the size open
+                return (None, None, 0, 0, 0, 0)
+            have = size - (pos + 8)
+            if have < clen:
+                return f"data chunk declares {clen} bytes, file holds {have}"
+            tag, ch, sr, bits = fmt
+            enc = _WAV_DTYPES.get((tag, bits))
+            if enc is None or ch < 1:
+                return (None, None, sr, ch, 0, 0)
+            return (enc[0], enc[1], sr, ch, pos + 8, clen // (ch * bits // 8))
+        pos += 8 + clen + (clen & 1)
+    return "no data chunk before end of file"
+
+
+def _wav_samples(data: bytes, dtype: str, scale: float | None, ch: int, offset: int, n: int) -> np.ndarray:
+    """The (n, ch) float32 samples of a parsed WAV."""
+    raw = np.frombuffer(data, dtype=dtype, count=n * ch, offset=offset).reshape(n, ch)
+    if scale is None:
+        return raw.astype(np.float32)
+    x = raw.astype(np.float32)
+    x *= np.float32(scale)  # x 2**-k is exact: the numbers of raw.astype(float32) * scale, no temporary
+    return x
+
+
 def parse_wav(data: bytes) -> tuple[np.ndarray | None, int, int] | str | None:
     """Parse a RIFF/WAVE file held in memory.
 
@@ -68,36 +116,29 @@ def parse_wav(data: bytes) -> tuple[np.ndarray | None, int, int] | str | None:
     None when `data` is not RIFF/WAVE. Handles PCM 16/32-bit and IEEE float32 (plain or
     WAVE_FORMAT_EXTENSIBLE) with libsndfile's scaling (x / 2**15, x / 2**31).
     """
-    size = len(data)
-    if size < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        return None
-    pos, fmt = 12, None
-    while pos + 8 <= size:
-        cid, clen = data[pos:pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
-        if cid == b"fmt " and clen >= 16 and pos + 8 + clen <= size:
-            tag, ch, sr, _, _, bits = struct.unpack_from("<HHIIHH", data, pos + 8)
-            if tag == 0xFFFE and clen >= 40:
-                tag = struct.unpack_from("<H", data, pos + 8 + 24)[0]
-            fmt = (tag, ch, sr, bits)
-        elif cid == b"data":
-            if clen in (0, 0xFFFFFFFF):  # streaming writers leave the size open
-                return (None, 0, 0)
-            have = size - (pos + 8)
-            if have < clen:
-                return f"data chunk declares {clen} bytes, file holds {have}"
-            if fmt is None:
-                return (None, 0, 0)
-            tag, ch, sr, bits = fmt
-            dtype = {(1, 16): "<i2", (1, 32): "<i4", (3, 32): "<f4"}.get((tag, bits))
-            if dtype is None or ch < 1:
-                return (None, sr, ch)
-            n = clen // (ch * bits // 8)
-            raw = np.frombuffer(data, dtype=dtype, count=n * ch, offset=pos + 8).reshape(n, ch)
-            scale = {"<i2": 1 / 32768.0, "<i4": 1 / 2147483648.0}.get(dtype)
-            x = raw.astype(np.float32) if scale is None else raw.astype(np.float32) * np.float32(scale)
-            return (x, sr, ch)
-        pos += 8 + clen + (clen & 1)
-    return "no data chunk before end of file"
+    lay = _wav_layout(data)
+    if lay is None or isinstance(lay, str):
+        return lay
+    dtype, scale, sr, ch, offset, n = lay
+    if dtype is None:
+        return (None, sr, ch)
+    return (_wav_samples(data, dtype, scale, ch, offset, n), sr, ch)
+
+
+def _read_bytes(path: str | os.PathLike) -> bytes:
+    """The whole file in (usually) one read(2): ~2x cheaper than open().read() for small files."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)
+        if len(data) != size:  # grown, shrunk or not a regular file: read on to the end
+            chunks = [data]
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+        return data
+    finally:
+        os.close(fd)
 
 
 _RESAMPLERS: dict[tuple[int, int], object] = {}
@@ -124,8 +165,7 @@ def load_audio(path: str | os.PathLike, target_sr: int | None = None) -> Audio:
     else goes through soundfile.
     """
     try:
-        with open(path, "rb") as f:
-            blob = f.read()
+        blob = _read_bytes(path)
     except FileNotFoundError:
         raise AudioSkip("missing_file", "no such file") from None
     except IsADirectoryError:
@@ -137,11 +177,17 @@ def load_audio(path: str | os.PathLike, target_sr: int | None = None) -> Audio:
     head = blob[:64]
     if not head.startswith(_MAGIC) and _looks_like_text(head):
         raise AudioSkip("not_audio", "text, not audio")
-    parsed = parse_wav(blob)
-    if isinstance(parsed, str):
-        raise AudioSkip("truncated", parsed)
-    if parsed is not None and parsed[0] is not None:
-        data, sr, _ = parsed
+    lay = _wav_layout(blob)
+    if isinstance(lay, str):
+        raise AudioSkip("truncated", lay)
+    if lay is not None and lay[0] is not None:
+        dtype, scale, sr, channels, offset, frames = lay
+        if channels > MAX_CHANNELS:
+            raise AudioSkip("too_many_channels", f"{channels} channels")
+        if frames == 0:
+            raise AudioSkip("no_samples", "0 samples")
+        data = _wav_samples(blob, dtype, scale, channels, offset, frames)
+        check_finite = scale is None  # integer PCM is always finite
     else:
         import soundfile as sf
         try:
@@ -152,18 +198,21 @@ def load_audio(path: str | os.PathLike, target_sr: int | None = None) -> Audio:
             if not head.startswith(_MAGIC) and ("not recognised" in msg.lower() or "unknown format" in msg.lower()):
                 raise AudioSkip("not_audio", msg[-120:]) from None
             raise AudioSkip("corrupt", msg[-120:]) from None
-    frames, channels = data.shape
-    if channels > MAX_CHANNELS:
-        raise AudioSkip("too_many_channels", f"{channels} channels")
-    if frames == 0:
-        raise AudioSkip("no_samples", "0 samples")
+        frames, channels = data.shape
+        if channels > MAX_CHANNELS:
+            raise AudioSkip("too_many_channels", f"{channels} channels")
+        if frames == 0:
+            raise AudioSkip("no_samples", "0 samples")
+        check_finite = True
     x = data[:, 0] if channels == 1 else data.mean(axis=1, dtype=np.float32)
-    if not np.isfinite(x).all():
+    if check_finite and not np.isfinite(x).all():
         bad = int((~np.isfinite(data)).sum())
         raise AudioSkip("non_finite", f"{bad} NaN/inf sample(s)")
-    silent = not bool(np.any(x))
+    silent = not x.any()
     duration = frames / float(sr)
     if target_sr is not None and sr != target_sr:
         x = resample(np.ascontiguousarray(x, dtype=np.float32), sr, target_sr)
+    elif channels == 1:
+        x = data.reshape(frames)  # the (frames, 1) array itself: contiguous, no copy
     return Audio(np.ascontiguousarray(x, dtype=np.float32), int(target_sr or sr), int(sr), int(channels),
                  duration, silent)

@@ -171,8 +171,9 @@ def _float(s, name, ln, col) -> float:
     return v
 
 
-def score_checkpoint(checkpoint, features, *, batch_size: int = 32, device: str = "cpu") -> Scores:
-    """Run a classifier checkpoint on every item of a feature store."""
+def score_checkpoint(checkpoint, features, *, batch_size: int = 32, device: str = "cpu",
+                     chunk: float | None = None) -> Scores:
+    """Run a classifier checkpoint on every item of a feature store (`chunk`: see `predict.predict`)."""
     import numpy as np
     from pllcli.checkpoint import load_model
     from pllcli.features.store import FeatureStore
@@ -191,7 +192,7 @@ def score_checkpoint(checkpoint, features, *, batch_size: int = 32, device: str 
         raise ConfigMismatchError(f"{features}: feature config hash {fs.config_hash} differs from the "
                                   f"checkpoint's {want}{detail}; featurize the audio with the checkpoint's config")
     from pllcli.events import frame_hop as _frame_hop
-    from pllcli.predict import infer, probabilities
+    from pllcli.predict import chunk_frames_for, clip_probabilities, infer
     from pllcli.training.data import InMemoryFeatures
     classes = [str(c) for c in meta["classes"]]
     task = meta.get("task", "single")
@@ -200,7 +201,8 @@ def score_checkpoint(checkpoint, features, *, batch_size: int = 32, device: str 
     feats, offsets = fs.load_all()
     mem = InMemoryFeatures(feats, offsets, dev)
     res = infer(model, mem, None, dev, batch_size, optional=("frame_logits",))
-    probs = probabilities(res["logits"], task).astype(np.float64)
+    probs = clip_probabilities(model, mem, res["logits"], task, chunk_frames_for(meta, fs.config, chunk), dev,
+                               batch_size).astype(np.float64)
     frame_probs, frame_hop = {}, {}
     if "frame_logits" in res:  # the same frame outputs and hop as `pllcli predict --events`
         fp = 1.0 / (1.0 + np.exp(-res["frame_logits"]))
@@ -370,7 +372,7 @@ def evaluate(truth_path, *, checkpoint=None, features=None, predictions=None, es
              candidates=None,
              batch_size: int = 32, device: str = "cpu", threshold: float = 0.5, top_k=(2, 3, 5),
              n_bins: int = 15, t_collar: float = 0.2, percentage_of_length: float = 0.5,
-             segment_resolution: float = 1.0, median: int = 1) -> Result:
+             segment_resolution: float = 1.0, median: int = 1, chunk: float | None = None) -> Result:
     """Compute every metric that the inputs allow; returns a Result with a JSON-ready report."""
     import numpy as np
     from pllcli.metrics import event_based, frame_based, multi_label, pll, segment_based, single_label
@@ -396,7 +398,7 @@ def evaluate(truth_path, *, checkpoint=None, features=None, predictions=None, es
                 scores.classes = scores.classes + extra
                 scores.probs = np.concatenate([scores.probs, np.zeros((len(scores.ids), len(extra)))], 1)
     else:
-        scores = score_checkpoint(checkpoint, features, batch_size=batch_size, device=device)
+        scores = score_checkpoint(checkpoint, features, batch_size=batch_size, device=device, chunk=chunk)
     classes = scores.classes
     task = scores.task or truth.task
     if scores.task is not None and truth.task != task:

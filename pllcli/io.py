@@ -196,13 +196,25 @@ class Table:
             for ln, obj in self.json_objects():
                 yield ln, {k: ("" if v is None else str(v)) for k, v in obj.items()}
             return
-        for ln, cells in enumerate(self._reader_rows[1:], start=2):
-            if not cells or all(not c.strip() for c in cells):
+        for ln, values in self.csv_values():
+            yield ln, dict(zip(self.columns, values))
+
+    def csv_values(self) -> Iterator[tuple[int, list[str]]]:
+        """CSV/TSV only: `(line_no, values)` per non-blank row, values stripped and padded with ""
+        to the header's length (a row with more fields than the header is an InputError)."""
+        ncol, strip = len(self.columns), str.strip
+        pad = [""] * ncol
+        for ln, cells in enumerate(self._reader_rows, start=1):
+            if ln == 1:
                 continue
-            if len(cells) > len(self.columns):
-                raise InputError(f"{len(cells)} fields, header has {len(self.columns)}", self.name, line=ln)
-            cells = cells + [""] * (len(self.columns) - len(cells))
-            yield ln, {c: v.strip() for c, v in zip(self.columns, cells)}
+            values = list(map(strip, cells))
+            if not any(values):  # blank line (or only separators / spaces)
+                continue
+            if len(values) != ncol:
+                if len(values) > ncol:
+                    raise InputError(f"{len(cells)} fields, header has {ncol}", self.name, line=ln)
+                values += pad[len(values):]
+            yield ln, values
 
     def rows(self) -> list[tuple[int, dict[str, str]]]:
         return list(self)

@@ -66,6 +66,24 @@ def infer(model, feats, rows=None, device="cpu", batch_size: int = 64, max_frame
     return result
 
 
+def chunk_frames_for(meta: dict, feature_config, chunk: float | None) -> int:
+    """Frames per chunk for chunk-averaged scoring: `chunk` seconds if given (0 = whole clips),
+    else the checkpoint's `segment_seconds` (models trained with `train --segment-labels`)."""
+    sec = meta.get("segment_seconds") if chunk is None else chunk
+    if not sec or sec <= 0:
+        return 0
+    return max(1, int(round(float(sec) * feature_config.sample_rate / feature_config.hop_length)))
+
+
+def clip_probabilities(model, mem, logits: np.ndarray, task: str, chunk_frames: int, device,
+                       batch_size: int = 64, amp: bool = False) -> np.ndarray:
+    """(N, C) probabilities: of the whole-clip `logits`, or the mean over chunks of `chunk_frames`."""
+    if chunk_frames > 0:
+        from pllcli.training.segments import chunk_probabilities
+        return chunk_probabilities(model, mem, chunk_frames, task, device, batch_size, amp)
+    return probabilities(logits, task)
+
+
 def probabilities(logits: np.ndarray, task: str = "single") -> np.ndarray:
     if task == "multi":
         return 1.0 / (1.0 + np.exp(-logits))
@@ -101,9 +119,11 @@ def _open_features(path):
 def predict(checkpoint, features, out="-", top_k_n: int = 1, restrict_labels=None, device="auto",
             batch_size: int = 64, fmt: str | None = None, events: str | None = None,
             frame_scores: str | None = None, threshold: float = 0.5, median: int = 1,
-            min_duration: float = 0.0) -> dict:
+            min_duration: float = 0.0, chunk: float | None = None) -> dict:
     """Write top-k labels with probabilities for every item of a feature store; for frame-level
-    models optionally also frame scores and thresholded events (id, onset, offset, label) as TSV."""
+    models optionally also frame scores and thresholded events (id, onset, offset, label) as TSV.
+    `chunk` seconds: average the probabilities of consecutive chunks (default: the checkpoint's
+    `segment_seconds`, else whole clips; 0 = whole clips)."""
     from pllcli.checkpoint import check_feature_config, load_model
     from pllcli.runtime import resolve_device
     from pllcli.training.data import InMemoryFeatures
@@ -120,8 +140,8 @@ def predict(checkpoint, features, out="-", top_k_n: int = 1, restrict_labels=Non
     want_frames = events is not None or frame_scores is not None
     res = infer(model, mem, None, dev, batch_size, amp=dev.type == "cuda",
                 outputs=("logits", "frame_logits") if want_frames else ("logits",))
-    logits = res["logits"]
-    probs = probabilities(logits, task)
+    chunk_frames = chunk_frames_for(meta, fs.config, chunk)
+    probs = clip_probabilities(model, mem, res["logits"], task, chunk_frames, dev, batch_size, dev.type == "cuda")
     n_events = None
     if want_frames:
         n_events = _write_frame_outputs(fs, classes, res["frame_logits"], res["frame_lengths"], events,
@@ -140,6 +160,8 @@ def predict(checkpoint, features, out="-", top_k_n: int = 1, restrict_labels=Non
     idx, p = top_k(probs, top_k_n)
     write_predictions(out, fs.ids, idx, p, classes, fmt)
     summary = {"items": len(fs.ids), "top_k": top_k_n, "restricted": restricted, "out": str(out)}
+    if chunk_frames:
+        summary["chunk_seconds"] = round(chunk_frames * fs.config.hop_length / fs.config.sample_rate, 4)
     if n_events is not None:
         summary["events"] = n_events
     return summary

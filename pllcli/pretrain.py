@@ -85,9 +85,16 @@ def load_clip_bank(paths: Sequence[str | Path]) -> ClipBank:
 
 
 def crop_batch(bank_features: np.ndarray, offsets: np.ndarray, rows: np.ndarray, crop: int,
-               rng: np.random.Generator, random: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random (or centred) crops of at most `crop` frames: (B, T, F) zero-padded, lengths (B,)."""
+               rng: np.random.Generator, random: bool = True, min_frac: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (or centred) crops of at most `crop` frames: (B, T, F) zero-padded, lengths (B,).
+
+    With `min_frac` < 1 (random crops only) each crop keeps a random fraction in [min_frac, 1] of
+    min(clip, crop) frames, so that two views of one clip never share their length (a shortcut
+    for the contrastive task when clips are shorter than the crop).
+    """
     lens = np.minimum(offsets[rows + 1] - offsets[rows], crop)
+    if random and min_frac < 1.0:
+        lens = np.maximum(1, np.round(lens * rng.uniform(min_frac, 1.0, len(rows)))).astype(np.int64)
     t = max(int(lens.max()), 1)
     out = np.zeros((len(rows), t, bank_features.shape[1]), np.float32)
     for b, r in enumerate(rows):
@@ -110,10 +117,13 @@ class AugmentConfig:
     noise_std: float = 0.2         # Gaussian noise added in the log domain (x std of the clip)
     mix_prob: float = 0.5          # probability of mixing with another clip of the batch
     mix_max: float = 0.35          # its weight in the power domain, uniform in [0, mix_max]
+    freq_warp: float = 0.1         # mel axis scaled by a factor in [1 - a, 1 + a] (other speakers)
+    time_warp: float = 0.2         # one anchor frame moved by up to this fraction of the clip
 
     @classmethod
     def weak(cls) -> "AugmentConfig":
-        return cls(time_masks=0, freq_masks=0, gain_db=3.0, noise_std=0.05, mix_prob=0.0)
+        return cls(time_masks=0, freq_masks=0, gain_db=3.0, noise_std=0.05, mix_prob=0.0, freq_warp=0.0,
+                   time_warp=0.0)
 
 
 def augment_batch(x: torch.Tensor, lengths: torch.Tensor | None, cfg: AugmentConfig | None = None,
@@ -134,6 +144,15 @@ def augment_batch(x: torch.Tensor, lengths: torch.Tensor | None, cfg: AugmentCon
     mean = (x * vm).sum((1, 2)) / (n_valid * f)                                  # (B,)
     std = (((x - mean[:, None, None]) ** 2 * vm).sum((1, 2)) / (n_valid * f)).sqrt()
     y = x.clone()
+    if cfg.freq_warp > 0 or cfg.time_warp > 0:
+        from pllcli.training.augment import freq_warp, time_warp
+        with torch.random.fork_rng(devices=[]):
+            if g is not None:
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+            if cfg.freq_warp > 0:
+                y = freq_warp(y, cfg.freq_warp)
+            if cfg.time_warp > 0:
+                y = time_warp(y, lengths if lengths is not None else torch.full((b,), t), cfg.time_warp)
 
     def rand(*shape):
         return torch.rand(*shape, generator=g).to(dev)
@@ -305,6 +324,7 @@ class PretrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     crop_frames: int = 100
+    crop_min_frac: float = 0.6
     temperature: float = 0.2
     mask_ratio: float = 0.3
     mask_span: int = 8
@@ -404,10 +424,11 @@ def pretrain(stores: Sequence[str | Path], out: str | Path, cfg: PretrainConfig,
             rows = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             if len(rows) < 2:
                 continue
-            x, ln = crop_batch(bank.features, bank.offsets, rows, cfg.crop_frames, rng)
+            mf = cfg.crop_min_frac if cfg.objective == "contrastive" else 1.0
+            x, ln = crop_batch(bank.features, bank.offsets, rows, cfg.crop_frames, rng, min_frac=mf)
             x, ln = x.to(dev), ln.to(dev)
             if cfg.objective == "contrastive":
-                x2, ln2 = crop_batch(bank.features, bank.offsets, rows, cfg.crop_frames, rng)
+                x2, ln2 = crop_batch(bank.features, bank.offsets, rows, cfg.crop_frames, rng, min_frac=mf)
                 x2, ln2 = x2.to(dev), ln2.to(dev)
                 loss = pretrain_step_loss("contrastive", encoder, heads, augment_batch(x, ln, aug, gen), ln,
                                           x2=augment_batch(x2, ln2, aug, gen), lengths2=ln2,

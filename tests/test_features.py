@@ -5,6 +5,7 @@ import math
 import os
 import pickle
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,36 @@ def test_batched_extraction_equals_one_at_a_time(preset):
         assert [g.shape[0] for g in got] == [1, 4, 4, 5, 48, 48, 98, 13]
 
 
+def test_stacked_features_equal_per_clip_list():
+    from pllcli.features.extract import compute_features, stacked_features
+    c = FeatureConfig.preset("speech8k")
+    waves = [_tone(n, seed=i) for i, n in enumerate([700, 50, 3000])]
+    feats, frames = stacked_features(waves, c)
+    assert frames.tolist() == [c.num_frames(len(w)) for w in waves]
+    np.testing.assert_array_equal(feats, np.concatenate(compute_features(waves, c)))
+    assert stacked_features([], c)[0].shape == (0, c.n_mels) and compute_features([], c) == []
+
+
+def test_parallel_run_reports_a_failing_worker(monkeypatch):
+    import pllcli.features.extract as E
+    parent = os.getpid()
+
+    def fake_chunk(task):
+        if os.getpid() != parent:
+            raise ValueError(f"boom in chunk {task[0]}")
+        return {"chunk": task[0]}
+
+    def slow_handle(res):  # leaves the worker time to take a task
+        time.sleep(0.01)
+
+    monkeypatch.setattr(E, "process_chunk", fake_chunk)
+    with pytest.raises(RuntimeError, match="featurize worker failed") as e:
+        E._run_parallel([(k,) for k in range(50)], 2, slow_handle)
+    assert "ValueError: boom in chunk" in str(e.value)
+    import multiprocessing as mp
+    assert not mp.active_children()  # the workers are gone
+
+
 def test_no_empty_mel_filters_in_presets():
     for name in PRESETS:
         fe = FeatureConfig.preset(name).make_frontend()
@@ -168,6 +199,52 @@ def test_wav_decoding_equals_soundfile(tmp_path, subtype):
     a = load_audio(p, 8000)
     np.testing.assert_array_equal(a.samples, ref.astype(np.float32))
     assert (a.orig_channels, a.duration) == (2, 1000 / 8000)
+
+
+@pytest.mark.parametrize("subtype", ["PCM_16", "PCM_32", "FLOAT", "PCM_24"])
+def test_mono_wav_decoding_equals_soundfile_and_checks(tmp_path, subtype):
+    from pllcli.audio import AudioSkip, load_audio
+    x = _tone(1000) * 0.5
+    p = tmp_path / "a.wav"
+    sf.write(p, x, 8000, subtype=subtype)
+    a = load_audio(p, 8000)
+    np.testing.assert_array_equal(a.samples, sf.read(p, dtype="float32")[0])
+    assert a.samples.dtype == np.float32 and a.samples.flags.c_contiguous and a.samples.flags.writeable
+    assert (a.orig_channels, a.duration, a.silent) == (1, 1000 / 8000, False)
+    sf.write(p, np.zeros(800), 8000, subtype=subtype)
+    assert load_audio(p, 8000).silent
+    if subtype == "FLOAT":  # only float files can hold NaN/inf; integer PCM skips the check
+        x[3] = np.inf
+        sf.write(p, x, 8000, subtype=subtype)
+        with pytest.raises(AudioSkip) as e:
+            load_audio(p, 8000)
+        assert e.value.reason == "non_finite" and e.value.detail == "1 NaN/inf sample(s)"
+    with pytest.raises(AudioSkip) as e:
+        load_audio(tmp_path, 8000)
+    assert e.value.reason == "not_audio"
+
+
+def test_manifest_rows_blank_lines_padding_and_line_numbers(tmp_path):
+    from pllcli.features.extract import read_manifest
+    m = tmp_path / "m.tsv"
+    m.write_text("id\tpath\tspk\n\n a \t x.wav \t s1\n\t\t\nb\t/abs/y.wav\n")
+    items, cols = read_manifest(str(m))
+    assert cols == ["spk"]
+    assert [(it.id, it.path, it.line, it.meta) for it in items] == [
+        ("a", str(tmp_path / "x.wav"), 3, {"spk": "s1"}), ("b", "/abs/y.wav", 5, {"spk": ""})]
+    m = tmp_path / "m.csv"
+    m.write_text("id,path\na,x.wav\n\nb,y.wav,extra\n")
+    with pytest.raises(InputError, match="3 fields, header has 2") as e:
+        read_manifest(str(m))
+    assert ":4" in str(e.value)
+    m.write_text("id,path\na,x.wav\n,y.wav\n")
+    with pytest.raises(InputError, match="empty id") as e:
+        read_manifest(str(m))
+    assert ":3" in str(e.value)
+    j = tmp_path / "m.jsonl"
+    j.write_text('{"id": "a", "path": "x.wav", "n": 3}\n\n{"id": "b", "path": "y.wav"}\n')
+    items, cols = read_manifest(str(j))
+    assert cols == ["n"] and [(it.id, it.line, it.meta) for it in items] == [("a", 1, {"n": "3"}), ("b", 3, {"n": ""})]
 
 
 def test_resample_matches_torchaudio_and_is_cached(tmp_path):

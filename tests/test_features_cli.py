@@ -198,6 +198,12 @@ def test_shards_merged_equal_single_run_and_jobs(corpus, capsys):
     assert "x.h5: not a readable" in capsys.readouterr().err
 
 
+def test_cli_chunk_size_default_is_the_librarys():
+    from pllcli.cli import featurize as cmd
+    from pllcli.features.extract import DEFAULT_CHUNK
+    assert cmd._DEFAULT_CHUNK == DEFAULT_CHUNK
+
+
 def test_resume_after_kill_9(corpus):
     root, man, d = corpus
     out = root / "k.h5"
@@ -206,8 +212,8 @@ def test_resume_after_kill_9(corpus):
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert not out.exists()  # never a store that looks complete
-    parts = sorted(x.name for x in (root / "k.h5.parts").glob("part-*.npz"))
-    assert parts == ["part-000000.npz", "part-000001.npz"]
+    parts = sorted(x.name for x in (root / "k.h5.parts").glob("part-*.npys"))
+    assert parts == ["part-000000.npys", "part-000001.npys"]
     rep = root / "k.json"
     assert cli("featurize", man, out, "--chunk-size", "2", "--report", rep) == 0
     r = json.loads(rep.read_text())

@@ -38,24 +38,35 @@ def test_crop_batch_lengths_and_content():
     assert 3 <= start <= 6 and x[1, :, 0].tolist() == [2.0 * (start + k) for k in range(4)]
 
 
+def test_crop_batch_min_frac_varies_view_lengths():
+    feats = np.zeros((100, 2), np.float32)
+    offsets = np.array([0, 100])
+    rng = np.random.default_rng(0)
+    lens = [int(crop_batch(feats, offsets, np.array([0]), 50, rng, min_frac=0.6)[1][0]) for _ in range(40)]
+    assert min(lens) >= 30 and max(lens) <= 50 and len(set(lens)) > 5
+    assert int(crop_batch(feats, offsets, np.array([0]), 50, rng, random=False, min_frac=0.6)[1][0]) == 50
+
+
 def test_augment_leaves_padding_and_mixes_in_power_domain():
     x = torch.zeros(2, 6, 4)
     x[1] = math.log(3.0)
     lengths = torch.tensor([4, 6])
-    cfg = AugmentConfig(time_masks=0, freq_masks=0, gain_db=0, noise_std=0, mix_prob=1.0, mix_max=0.5)
+    cfg = AugmentConfig(time_masks=0, freq_masks=0, gain_db=0, noise_std=0, mix_prob=1.0, mix_max=0.5,
+                         freq_warp=0, time_warp=0)
     g = torch.Generator().manual_seed(0)
     y = augment_batch(x, lengths, cfg, g)
     assert torch.all(y[0, 4:] == 0)                       # padding untouched
     # clip 0 (power 1) mixed with clip 1 (power 3) at weight w: log((1-w) + 3w) = log(1 + 2w), w in [0, .5]
     v = y[0, 0, 0].item()
     assert 0 <= v <= math.log(2.0) + 1e-6 and torch.allclose(y[0, :4], torch.full((4, 4), v))
-    cfg = AugmentConfig(time_masks=0, freq_masks=0, gain_db=0, noise_std=0, mix_prob=0.0)
+    cfg = AugmentConfig(time_masks=0, freq_masks=0, gain_db=0, noise_std=0, mix_prob=0.0, freq_warp=0, time_warp=0)
     assert torch.equal(augment_batch(x, lengths, cfg), x)  # nothing enabled: identity
 
 
 def test_augment_masks_fill_with_clip_mean():
     x = torch.arange(40.0).reshape(1, 10, 4)
-    cfg = AugmentConfig(time_masks=1, time_mask_frac=0.5, freq_masks=0, gain_db=0, noise_std=0, mix_prob=0)
+    cfg = AugmentConfig(time_masks=1, time_mask_frac=0.5, freq_masks=0, gain_db=0, noise_std=0, mix_prob=0,
+                        freq_warp=0, time_warp=0)
     torch.manual_seed(1)
     y = augment_batch(x, None, cfg, torch.Generator().manual_seed(3))
     changed = (y != x).any(-1)[0]

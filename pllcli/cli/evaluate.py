@@ -37,6 +37,9 @@ def evaluate_cmd(
     segment: Annotated[float, typer.Option(
         "--segment", min=1e-3, help="Segment length (s) for segment-based F1.")] = 1.0,
     bins: Annotated[int, typer.Option("--bins", min=2, help="Confidence bins for ECE.")] = 15,
+    chunk: Annotated[Optional[float], typer.Option(
+        "--chunk", min=0.0, help="Average clip scores over chunks of this many seconds (default: the "
+        "checkpoint's segment length if it was trained with --segment-labels; 0 = whole clips).")] = None,
     batch_size: BatchSize = 32,
     device: Device = "cpu",
 ):
@@ -59,7 +62,7 @@ def evaluate_cmd(
     result = evaluate(truth, checkpoint=ckpt, features=feats, predictions=predictions,
                       estimated_events=events, candidates=candidates, batch_size=batch_size, device=device,
                       threshold=threshold, t_collar=collar, percentage_of_length=offset_pct,
-                      segment_resolution=segment, n_bins=bins)
+                      segment_resolution=segment, n_bins=bins, chunk=chunk)
     if plots is not None:
         result.report["plots"] = make_plots(result, plots, train_log)
     if json_out != "-":

@@ -7,6 +7,8 @@ import typer
 
 from pllcli.cli._options import Jobs, Overwrite, Shard, Strict
 
+_DEFAULT_CHUNK = 256  # = pllcli.features.extract.DEFAULT_CHUNK (checked by a test; not imported: keeps --help fast)
+
 
 def featurize_cmd(
     input: Annotated[str, typer.Argument(metavar="INPUT", help=(
@@ -29,8 +31,9 @@ def featurize_cmd(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Storage dtype: float32 or float16.")] = None,
     jobs: Jobs = 1,
     shard: Shard = None,
-    chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help=(
-        "Files per chunk (unit of work, of resume and of the progress bar)."))] = 512,
+    chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", min=1, show_default=False, help=(
+        "Files per chunk (unit of work, of resume and of the progress bar); default "
+        f"{_DEFAULT_CHUNK}."))] = None,
     ext: Annotated[Optional[str], typer.Option("--ext", help=(
         "Comma-separated extensions for directory input (default wav,flac,ogg,mp3)."))] = None,
     strict: Strict = False,
@@ -49,7 +52,7 @@ def featurize_cmd(
     from pllcli.cli._state import settings
     from pllcli.errors import StrictModeError
     from pllcli.features.config import FeatureConfig, _pow2
-    from pllcli.features.extract import featurize
+    from pllcli.features.extract import DEFAULT_CHUNK, featurize
     from pllcli.io import parse_shard, write_json
 
     base = FeatureConfig.preset(preset)
@@ -64,7 +67,8 @@ def featurize_cmd(
     exts = tuple(e.strip() for e in ext.split(",") if e.strip()) if ext else None
     kwargs = {"extensions": exts} if exts else {}
     try:
-        summary = featurize(input, output, config, jobs=jobs, shard=parse_shard(shard), chunk_size=chunk_size,
+        summary = featurize(input, output, config, jobs=jobs, shard=parse_shard(shard),
+                            chunk_size=DEFAULT_CHUNK if chunk_size is None else chunk_size,
                             strict=strict, overwrite=overwrite, progress=settings.verbosity >= 0, **kwargs)
     except StrictModeError as e:
         if report:

@@ -31,6 +31,9 @@ def predict_cmd(
                                         rich_help_panel=_EV)] = 1,
     min_duration: Annotated[float, typer.Option("--min-duration", min=0.0, help="Drop events shorter than "
                                                 "this (seconds).", rich_help_panel=_EV)] = 0.0,
+    chunk: Annotated[Optional[float], typer.Option(
+        "--chunk", min=0.0, help="Average clip scores over chunks of this many seconds (default: the "
+        "checkpoint's segment length if it was trained with --segment-labels; 0 = whole clips).")] = None,
     device: Device = "auto",
     batch_size: BatchSize = 64,
     json_out: JsonOut = None,
@@ -40,7 +43,7 @@ def predict_cmd(
     from pllcli.predict import predict
     summary = predict(checkpoint, features, out, top_k, restrict_candidates, device, batch_size,
                       events=events, frame_scores=frame_scores, threshold=threshold, median=median,
-                      min_duration=min_duration)
+                      min_duration=min_duration, chunk=chunk)
     write_json(summary, json_out)
 
 

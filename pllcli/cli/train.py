@@ -57,9 +57,12 @@ def train_cmd(
         "--valid-fraction", help="Share of clean items held out for validation (without --valid).")] = 0.2,
     augment: Annotated[Optional[list[str]], typer.Option(
         "--augment", help="Augmentation KEY=VALUE (gain_db, shift, time_masks, time_width, freq_masks, "
-                          "freq_width) or 'none'.")] = None,
+                          "freq_width, freq_warp, time_warp) or 'none'.")] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="Load encoder weights from this checkpoint.")] = None,
     freeze: Annotated[bool, typer.Option("--freeze", help="Freeze the encoder (linear probe).")] = False,
+    segment_labels: Annotated[bool, typer.Option(
+        "--segment-labels", help="Train on segments: every segment soft label (pseudo-label --segment) "
+        "becomes an item; predict/evaluate then average chunk scores.")] = False,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue from OUTDIR/last.pt (or this file).")] = None,
     device: Device = "auto",
     seed: Seed = 0,
@@ -131,6 +134,7 @@ def train_cmd(
         restart_epochs=restart_epochs, ema=ema, top_k=top_k, patience=patience,
         valid=str(valid) if valid else None, valid_labels=str(valid_labels) if valid_labels else None,
         valid_fraction=valid_fraction, augment=aug, init=str(init) if init else None, freeze=freeze,
+        segment_labels=segment_labels,
         seed=seed, device=device, amp=not no_amp, resume=str(resume) if resume else None,
         progress=settings.verbosity >= 0, threads=threads)
     summary = train(cfg)

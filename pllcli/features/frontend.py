@@ -11,6 +11,8 @@ needs no torchaudio at run time. Framing is snip-edges (see `pllcli.features.con
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -18,8 +20,13 @@ from pllcli.features.config import FeatureConfig
 
 
 def _exporting() -> bool:
-    """True while torch.onnx / torch.jit tracing / torch.export captures the graph."""
-    checks = (getattr(torch.onnx, "is_in_onnx_export", None), getattr(torch.jit, "is_tracing", None),
+    """True while torch.onnx / torch.jit tracing / torch.export captures the graph.
+
+    torch.onnx is looked up in sys.modules, not imported: an ONNX export can only be running
+    if it is imported already, and importing it here costs ~0.05 s per process.
+    """
+    onnx = sys.modules.get("torch.onnx")
+    checks = (getattr(onnx, "is_in_onnx_export", None), getattr(torch.jit, "is_tracing", None),
               getattr(getattr(torch, "compiler", None), "is_exporting", None))
     return any(f is not None and f() for f in checks)
 
@@ -31,6 +38,15 @@ def _dft_basis(n_fft: int, n: int, window: torch.Tensor) -> torch.Tensor:
     ang = 2 * torch.pi * k * f / n_fft
     w = window.to(torch.float64)[:, None]
     return torch.cat([torch.cos(ang) * w, -torch.sin(ang) * w], dim=1).to(torch.float32)
+
+
+def _power_of(spec: torch.Tensor) -> torch.Tensor:
+    """|spec|^2 as re*re + im*im (not abs(): hypot rounds differently), squaring in place on
+    the FFT output: the same numbers as spec.real.square() + spec.imag.square(), ~30% faster."""
+    if spec.requires_grad:  # no in-place op on a tensor autograd tracks
+        return spec.real.square() + spec.imag.square()
+    ri = torch.view_as_real(spec).square_()
+    return ri[..., 0] + ri[..., 1]
 
 
 class LogMel(nn.Module):
@@ -46,6 +62,7 @@ class LogMel(nn.Module):
         self.export_mode = False  # True: export-friendly ops (also switched on while exporting)
         self.n_fft, self.hop = c.n_fft, c.hop_length
         self.log_offset = float(c.log_offset)
+        self._offset: torch.Tensor | None = None  # log_offset as a tensor, for mel_into
         win = torch.hann_window(c.win_length, periodic=True, dtype=torch.float32)
         left = (c.n_fft - c.win_length) // 2
         window = torch.zeros(c.n_fft)
@@ -65,7 +82,7 @@ class LogMel(nn.Module):
         # frames x window -> real FFT: same numbers as torch.stft(center=False), ~10% faster, and
         # already (B, T, n_freq) so the per-clip mel projection reads contiguous memory
         spec = torch.fft.rfft(x.unfold(-1, self.n_fft, self.hop) * self.window)  # (B, T, n_freq)
-        return spec.real.square() + spec.imag.square()
+        return _power_of(spec)
 
     def _power_export(self, x: torch.Tensor) -> torch.Tensor:
         """Export-friendly power spectrum: conv1d with a windowed DFT basis (no complex, no stft op).
@@ -79,6 +96,15 @@ class LogMel(nn.Module):
     def mel(self, power: torch.Tensor) -> torch.Tensor:
         """(B, T, n_freq) -> (B, T, n_mels)."""
         return torch.log(torch.matmul(power.contiguous(), self.fb) + self.log_offset)
+
+    def mel_into(self, power: torch.Tensor, out: torch.Tensor) -> None:
+        """mel() of one clip's contiguous (T, n_freq) power written into `out` (T, n_mels):
+        the same numbers, no temporaries."""
+        torch.mm(power, self.fb, out=out)
+        if self._offset is None or self._offset.device != out.device:
+            # a 0-d float32 tensor adds the same float32 value as the float, ~2 us faster per call
+            self._offset = torch.tensor(self.log_offset, dtype=torch.float32, device=out.device)
+        out.add_(self._offset).log_()
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         return self.mel(self.power(waveform))
@@ -126,11 +152,17 @@ class KaldiFbank(nn.Module):
             nf = self.n_fft // 2 + 1
             return y[..., :nf].square() + y[..., nf:].square()
         spec = torch.fft.rfft(frames, n=self.n_fft)  # zero-pads to n_fft
-        return spec.real.square() + spec.imag.square()
+        return _power_of(spec)
 
     def mel(self, power: torch.Tensor) -> torch.Tensor:
         """(B, T, n_freq) -> (B, T, n_mels)."""
         return torch.clamp(torch.matmul(power.contiguous(), self.fb), min=self.floor).log()
+
+    def mel_into(self, power: torch.Tensor, out: torch.Tensor) -> None:
+        """mel() of one clip's contiguous (T, n_freq) power written into `out` (T, n_mels):
+        the same numbers, no temporaries."""
+        torch.mm(power, self.fb, out=out)
+        out.clamp_min_(self.floor).log_()
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         return self.mel(self.power(waveform))

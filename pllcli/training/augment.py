@@ -4,7 +4,11 @@
 +-gain_db), a small time shift (drop up to `shift` leading frames), SpecAugment time masks
 (`time_masks` masks of up to `time_width` of the item's length) and frequency masks
 (`freq_masks` of up to `freq_width` bins), filled with `fill` (F,) (the feature mean, i.e. 0
-after input normalisation). Uses the global torch RNG (seeded per epoch by the trainer).
+after input normalisation). Two length-preserving warps imitate other speakers and speaking rates:
+`freq_warp` a (scale the mel axis by a factor in [1-a, 1+a], a cheap vocal-tract-length
+perturbation) and `time_warp` w (move one anchor frame by up to w of the item's length and
+stretch both sides linearly, SpecAugment's time warp). Uses the global torch RNG (seeded per
+epoch by the trainer).
 `mixup(x, y, alpha)` mixes a batch with a permutation of itself.
 """
 from __future__ import annotations
@@ -23,6 +27,8 @@ class AugmentConfig:
     time_width: float = 0.1
     freq_masks: int = 2
     freq_width: int = 8
+    freq_warp: float = 0.0
+    time_warp: float = 0.0
 
     def to_dict(self):
         return asdict(self)
@@ -30,6 +36,45 @@ class AugmentConfig:
     @classmethod
     def none(cls):
         return cls(gain_db=0.0, shift=0, time_masks=0, time_width=0.0, freq_masks=0, freq_width=0)
+
+
+def _lerp_gather(x: torch.Tensor, src: torch.Tensor, dim: int) -> torch.Tensor:
+    """x (B, T, F) read at fractional positions `src` along `dim` (1 or 2) by linear interpolation.
+
+    src is (B, T, 1) for dim=1 or (B, 1, F) for dim=2, already clamped to [0, size-1].
+    """
+    size = x.shape[dim]
+    lo = src.floor().long().clamp(0, size - 1)
+    hi = (lo + 1).clamp(max=size - 1)
+    w = (src - lo.to(src.dtype)).to(x.dtype)
+    shape = x.shape
+    return torch.gather(x, dim, lo.expand(shape)) * (1 - w) + torch.gather(x, dim, hi.expand(shape)) * w
+
+
+def freq_warp(x: torch.Tensor, max_warp: float) -> torch.Tensor:
+    """(B, T, F): bin f takes the value at f * a_b, a_b ~ U[1-max_warp, 1+max_warp] (edges clamped)."""
+    B, T, F = x.shape
+    a = 1 + (torch.rand(B, 1, 1, device=x.device) * 2 - 1) * max_warp
+    src = (torch.arange(F, device=x.device, dtype=torch.float32)[None, None, :] * a).clamp(0, F - 1)
+    return _lerp_gather(x, src, 2)
+
+
+def time_warp(x: torch.Tensor, lengths: torch.Tensor, max_warp: float) -> torch.Tensor:
+    """(B, T, F): the valid frames of each item are warped piecewise-linearly (one anchor moved by
+    up to max_warp * length); lengths and padding are unchanged."""
+    B, T, F = x.shape
+    dev = x.device
+    L = lengths.to(dev).float().clamp_min(2)[:, None]                     # (B, 1)
+    lo, hi = torch.ones_like(L), (L - 2).clamp_min(1)
+    c = ((0.25 + 0.5 * torch.rand(B, 1, device=dev)) * (L - 1)).clamp(lo, hi)   # source anchor
+    d = (torch.rand(B, 1, device=dev) * 2 - 1) * max_warp * L
+    c2 = (c + d).clamp(lo, hi)                                                  # its new position
+    t = torch.arange(T, device=dev, dtype=torch.float32)[None, :]
+    left = t * c / c2
+    right = c + (t - c2) * (L - 1 - c) / (L - 1 - c2).clamp_min(1e-3)
+    src = torch.where(t < c2, left, right)
+    src = torch.where((t < L) & (L >= 4), src.clamp(0, T - 1), t)  # padding and very short items stay
+    return _lerp_gather(x, src[..., None], 1)
 
 
 class Augment:
@@ -48,6 +93,10 @@ class Augment:
         if c.gain_db > 0:
             g = (torch.rand(B, 1, 1, device=dev) * 2 - 1) * (c.gain_db * math.log(10) / 10)
             x = x + g.to(x.dtype)
+        if c.freq_warp > 0:
+            x = freq_warp(x, c.freq_warp)
+        if c.time_warp > 0:
+            x = time_warp(x, lengths, c.time_warp)
         t = torch.arange(T, device=dev)
         if c.shift > 0:
             s = torch.randint(0, c.shift + 1, (B, 1), device=dev)

@@ -91,6 +91,7 @@ class TrainConfig:
     augment: dict = field(default_factory=dict)
     init: str | None = None
     freeze: bool = False
+    segment_labels: bool = False
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -429,6 +430,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise UsageError(f"--augment: {e}") from None
 
     fs, lab, label_rows = _load_inputs(cfg)
+    item_ids, preloaded, seg_info = fs.ids, None, None
+    if cfg.segment_labels:  # PSL: every labelled segment becomes an item of its own
+        from pllcli.training.segments import expand_segments
+        f0, o0 = fs.load_all()
+        f0, o0, item_ids, lab, label_rows, seg_info = expand_segments(
+            f0, o0, fs.ids, lab, label_rows, fs.config.hop_length / fs.config.sample_rate, where=cfg.labels)
+        preloaded = (f0, o0)
+        log.info("segment labels: %d segments from %d clips (+%d whole clips), median %.2fs",
+                 seg_info["segments"], seg_info["clips_split"], seg_info["clips_whole"],
+                 seg_info["segment_seconds"] or 0.0)
     C = lab.num_classes
     if C < 2:
         raise TrainingError(f"{cfg.labels}: the label store has {C} class(es); training needs at least 2")
@@ -475,11 +486,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise TrainingError(f"empty training set: no item of {cfg.features} has what the objectives need "
                             f"({', '.join(kinds)}) in {cfg.labels}")
 
-    feats, offsets = fs.load_all()
+    feats, offsets = preloaded if preloaded is not None else fs.load_all()
+    del preloaded
     if not np.isfinite(feats).all():
         bad = np.flatnonzero(~np.isfinite(feats).all(1))[0]
         item = int(np.searchsorted(offsets, bad, side="right") - 1)
-        raise InputError(f"features of item {fs.ids[item]!r} contain NaN/inf", cfg.features)
+        raise InputError(f"features of item {item_ids[item]!r} contain NaN/inf", cfg.features)
     mem = InMemoryFeatures(feats, offsets, device)
     if valid_mem is None:
         valid_mem = mem
@@ -518,7 +530,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    setup = SetupContext(num_items=len(fs.ids), num_classes=C, device=device, task=task,
+    setup = SetupContext(num_items=len(item_ids), num_classes=C, device=device, task=task,
                          classes=list(lab.classes), dist=dist)
     for o in objectives:
         o.setup(setup)
@@ -529,6 +541,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "train": {**cfg.semantic(), "objectives": [o.describe() for o in objectives]},
         "train_config": cfg.semantic(),
     }
+    if seg_info is not None:
+        # predict/evaluate average the probabilities of chunks of this length (PSL step 4)
+        meta_base["segment_seconds"] = seg_info["segment_seconds"]
+        meta_base["segments"] = seg_info
     try:
         from pllcli import __version__
         meta_base["pllcli_version"] = __version__
@@ -646,7 +662,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 total = w * lo if total is None else total + w * lo
             nonfinite = total is not None and not bool(torch.isfinite(total.detach()))
             if dist.any_flag(nonfinite):
-                ids = [str(fs.ids[i]) for i in batch["index"][:3].tolist()]
+                ids = [str(item_ids[i]) for i in batch["index"][:3].tolist()]
                 raise TrainingError(
                     f"loss became NaN/inf at epoch {epoch + 1}, batch {bi + 1} (items {', '.join(ids)}, ...; "
                     f"parts {parts}); last good checkpoint: "
