@@ -198,9 +198,8 @@ def main(argv=None):
         "masked pretrain+finetune": ("few", ["ce"], SE, {"batch_size": 16, "clean_share": 0.0, "init": "enc:masked"}),
         "masked pretrain+linear": ("few", ["ce"], SE, {"batch_size": 16, "clean_share": 0.0, "init": "enc:masked",
                                                        "freeze": True}),
-        # curriculum self-training: teacher = supervised row; each round pseudo-labels the top
-        # 25/50/75/100% of every class's share of the unlabeled clips and trains a fresh student
-        "self-training (4 rounds)": ("rounds", ["ce", "distill:alpha=1"], args.student_epochs, {}),
+        # curriculum self-training (see self_training below)
+        "self-training (6 rounds)": ("rounds", ["ce", "distill:alpha=1"], args.student_epochs, {}),
         "pretrain+fixmatch": ("semi", ["ce", fm], E, {"init": "enc"}),
         # self-training: soft labels from the FixMatch teachers, student from the pretrained encoder
         "pseudo-label student": ("pseudo", ["ce", "distill:alpha=1", fm], E, {"init": "enc"}),
@@ -224,29 +223,35 @@ def main(argv=None):
         return best, full
 
     def self_training(name, objs, epochs, extra):
+        """Curriculum self-training with per-clip mean normalisation (`--model-opt utt_norm=true`):
+        a supervised teacher on the 50 labels, then rounds of `pseudo-label --top-n-per-class N
+        --only-unlabeled` (N = 25/50/75/100/100/100% of a class's share of the unlabeled clips)
+        and a fresh student (`ce` + `distill:alpha=1`) that teaches the next round."""
         import shutil
-        teacher = outdir_of("supervised") / "last.pt"
-        if not teacher.exists():
-            sys.exit("the self-training row needs the supervised row first")
+        opts = {**mopt, "utt_norm": True}
+        common = dict(model="convgru", model_options=opts, valid_fraction=0.0, seed=args.seed, device="cpu",
+                      progress=False, threads=args.threads, lr=3e-3, top_k=0, augment=strong)
+        outdir = work / "run_selftrain_r0"
+        shutil.rmtree(outdir, ignore_errors=True)
+        train(TrainConfig(features=str(paths["few"][0]), labels=str(paths["few"][1]), outdir=str(outdir),
+                          objectives=["ce"], epochs=SE, batch_size=16, clean_share=0.0, **common))
+        teacher = outdir / "last.pt"
+        rounds = [{"round": 0, "student_acc": round(accuracy(teacher, paths["test"][0]), 4)}]
         n_unl = sizes["train"] - sizes["labeled"]
-        rounds = []
-        for r, frac in enumerate((0.25, 0.5, 0.75, 1.0), 1):
+        from pllcli.labels.store import read_label_store
+        for r, frac in enumerate((0.25, 0.5, 0.75, 1.0, 1.0, 1.0), 1):
             pl = work / f"selftrain_r{r}.h5"
             pl.unlink(missing_ok=True)
             pseudo_label(paths["semi"][0], [teacher], paths["semi"][1], pl, only_unlabeled=True,
                          top_n_per_class=int(round(frac * n_unl / len(CLASSES))), device="cpu")
-            from pllcli.labels.store import read_label_store
             d = read_label_store(pl)
             kept = np.flatnonzero(d.has_soft)
             ok = np.mean([int(d.classes[d.soft(q)[0][np.argmax(d.soft(q)[1])]]) == int(str(d.ids[q]).split("_")[0])
                           for q in kept])
             outdir = work / f"run_selftrain_r{r}"
             shutil.rmtree(outdir, ignore_errors=True)
-            cfg = TrainConfig(features=str(paths["semi"][0]), labels=str(pl), outdir=str(outdir), model="convgru",
-                              model_options=mopt, objectives=objs, epochs=epochs, valid_fraction=0.0, seed=args.seed,
-                              device="cpu", progress=False, threads=args.threads, lr=3e-3, top_k=0, augment=strong,
-                              batch_size=64, clean_share=args.clean_share)
-            train(cfg)
+            train(TrainConfig(features=str(paths["semi"][0]), labels=str(pl), outdir=str(outdir), objectives=objs,
+                              epochs=epochs, batch_size=64, clean_share=args.clean_share, **common))
             teacher = outdir / "last.pt"
             acc = accuracy(teacher, paths["test"][0])
             rounds.append({"round": r, "pseudo_labels": int(len(kept)), "pseudo_label_acc": round(float(ok), 4),
@@ -270,8 +275,9 @@ def main(argv=None):
             acc, info = self_training(name, objs, epochs, extra)
             timings[name], results[name] = round(time.time() - t, 1), acc
             extra_info["self_training"] = info
-            commands[name] = "see self_training() in examples/bench_ssl.py: pllcli pseudo-label --top-n-per-class N " \
-                             "--only-unlabeled, then pllcli train --objective ce --objective distill:alpha=1, 4 rounds"
+            commands[name] = ("see self_training() in examples/bench_ssl.py: pllcli pseudo-label --top-n-per-class N "
+                              "--only-unlabeled, then pllcli train --objective ce --objective distill:alpha=1 "
+                              "--model-opt utt_norm=true, 6 rounds")
             print(f"{name:24s} acc {acc:.4f}  ({timings[name]:.0f}s)", file=sys.stderr, flush=True)
             dump()
             continue

@@ -116,22 +116,76 @@ def _open_features(path):
     return FeatureStore(path)
 
 
+def _is_hdf5(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
+
+
+def features_for(path, meta: dict, workdir: Path, jobs: int = 1) -> tuple[Path, dict | None]:
+    """(feature store, featurize summary or None): `path` itself if it is a feature store, else
+    audio (one file, a folder, a manifest or '-') featurized with the checkpoint's feature config
+    into `workdir`."""
+    import csv
+
+    from pllcli.audio import AUDIO_EXTENSIONS
+    from pllcli.features.config import FeatureConfig
+    from pllcli.features.extract import featurize
+    p = Path(path)
+    if str(path) != "-" and p.is_file() and _is_hdf5(p):
+        return p, None
+    if str(path) != "-" and not p.exists():
+        raise InputError("no such feature store or audio", str(path))
+    if not meta.get("feature_config"):
+        raise InputError("the checkpoint has no feature config to featurize audio with; featurize it first",
+                         str(path))
+    src = str(path)
+    if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS:
+        src = str(workdir / "audio.csv")
+        with open(src, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([("id", "path"), (p.stem, str(p.resolve()))])
+    store = workdir / "features.h5"
+    summary = featurize(src, store, FeatureConfig.from_dict(meta["feature_config"]), jobs=jobs, progress=False)
+    for sk in summary["skipped"]:
+        print(f"warning: skipped {sk['path']}: {sk['reason']} ({sk['detail']})", file=sys.stderr)
+    if summary["files_done"] == 0:
+        raise InputError("no audio could be read (every file was skipped)", src)
+    return store, summary
+
+
 def predict(checkpoint, features, out="-", top_k_n: int = 1, restrict_labels=None, device="auto",
             batch_size: int = 64, fmt: str | None = None, events: str | None = None,
             frame_scores: str | None = None, threshold: float = 0.5, median: int = 1,
             min_duration: float = 0.0, chunk: float | None = None) -> dict:
-    """Write top-k labels with probabilities for every item of a feature store; for frame-level
-    models optionally also frame scores and thresholded events (id, onset, offset, label) as TSV.
-    `chunk` seconds: average the probabilities of consecutive chunks (default: the checkpoint's
-    `segment_seconds`, else whole clips; 0 = whole clips)."""
-    from pllcli.checkpoint import check_feature_config, load_model
+    """Write top-k labels with probabilities for every item of a feature store (or of audio:
+    see `features_for`); for frame-level models optionally also frame scores and thresholded
+    events (id, onset, offset, label) as TSV. `chunk` seconds: average the probabilities of
+    consecutive chunks (default: the checkpoint's `segment_seconds`, else whole clips; 0 = whole
+    clips)."""
+    import tempfile
+
+    from pllcli.checkpoint import load_model
     from pllcli.runtime import resolve_device
-    from pllcli.training.data import InMemoryFeatures
     if top_k_n < 1:
         raise UsageError("--top-k must be >= 1")
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, device=dev)
-    fs = _open_features(features)
+    with tempfile.TemporaryDirectory(prefix="pllcli-predict-") as tmp:
+        store, feat_summary = features_for(features, meta, Path(tmp))
+        summary = _predict_store(model, meta, checkpoint, store, features, out, top_k_n, restrict_labels, dev,
+                                 batch_size, fmt, events, frame_scores, threshold, median, min_duration, chunk)
+    if feat_summary is not None:
+        summary["featurized"] = {k: feat_summary[k] for k in ("files_done", "files_skipped", "audio_seconds")}
+    return summary
+
+
+def _predict_store(model, meta, checkpoint, store, features, out, top_k_n, restrict_labels, dev, batch_size, fmt,
+                   events, frame_scores, threshold, median, min_duration, chunk) -> dict:
+    from pllcli.checkpoint import check_feature_config
+    from pllcli.training.data import InMemoryFeatures
+    fs = _open_features(store)
     check_feature_config(meta, fs.config, f"{features} vs checkpoint {checkpoint}")
     classes = list(meta.get("classes") or [])
     task = meta.get("task", "single")

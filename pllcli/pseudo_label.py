@@ -234,7 +234,9 @@ def pseudo_label(features: str | Path, teachers: Sequence[str | Path], labels: s
         keep, p = confidence_filter(p, threshold, top_n_per_class, multi)
         data.set_soft(lrow[frows[keep]], p[keep])
         summary.update({"soft_labels": int(keep.sum()), "filtered_out": int((~keep).sum()),
-                        "mean_max_prob": float(p[keep].max(1).mean()) if keep.any() else None})
+                        # confidence of what was kept and of every item (the filter's effect)
+                        "mean_max_prob_kept": float(p[keep].max(1).mean()) if keep.any() else None,
+                        "mean_max_prob_all": float(p.max(1).mean()) if len(p) else None})
     else:
         seg_frames = max(1, int(round(segment / hop_s)))
         longest = int(nf[frows].max()) if len(frows) else 0

@@ -94,3 +94,23 @@ def test_pickle_payload_refused(tmp_path):
     cut.write_bytes(r.read_bytes()[:200])
     with pytest.raises(CheckpointError):
         load_checkpoint(cut)
+
+
+def test_utt_norm_removes_a_per_clip_channel_offset_and_ignores_padding():
+    torch.manual_seed(0)
+    m = build_model("convgru", 16, 4, width=4, rnn_hidden=8, proj=16, utt_norm=True).eval()
+    x = torch.randn(2, 40, 16)
+    lengths = torch.tensor([40, 25])
+    offset = torch.randn(1, 1, 16) * 3  # a fixed spectral tilt (microphone, speaker envelope)
+    with torch.no_grad():
+        a = m(x, lengths)["logits"]
+        b = m(x + offset, lengths)["logits"]
+        x2 = x.clone()
+        x2[1, 25:] = 100.0  # whatever lies in the padding
+        c = m(x2, lengths)["logits"]
+        plain = build_model("convgru", 16, 4, width=4, rnn_hidden=8, proj=16).eval()
+        plain.load_state_dict(m.state_dict())
+        d = plain(x + offset, lengths)["logits"]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain(x, lengths)["logits"], d, atol=1e-3)  # without it the offset matters

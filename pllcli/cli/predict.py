@@ -6,14 +6,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from pllcli.cli._options import BatchSize, CheckpointPath, Device, FeatureStorePath, JsonOut
+from pllcli.cli._options import BatchSize, CheckpointPath, Device, JsonOut
 
 _EV = "Frame-level outputs"
 
 
 def predict_cmd(
     checkpoint: CheckpointPath,
-    features: FeatureStorePath,
+    features: Annotated[str, typer.Argument(
+        metavar="FEATURES", help="Feature store (.h5), or audio featurized with the checkpoint's feature "
+        "config: one file, a folder, a manifest (CSV/TSV/JSONL with id,path) or '-' (manifest on stdin).")],
     out: Annotated[str, typer.Option("-o", "--out", help="Output .csv, .tsv or .jsonl ('-' = CSV on stdout).")] = "-",
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels per item.")] = 1,
     restrict_candidates: Annotated[Optional[Path], typer.Option(
@@ -38,7 +40,8 @@ def predict_cmd(
     batch_size: BatchSize = 64,
     json_out: JsonOut = None,
 ):
-    """Predict labels for a feature store with a trained checkpoint (and events for frame-level models)."""
+    """Predict labels for a feature store or audio files with a trained checkpoint (and events for
+    frame-level models)."""
     from pllcli.io import write_json
     from pllcli.predict import predict
     summary = predict(checkpoint, features, out, top_k, restrict_candidates, device, batch_size,

@@ -63,14 +63,19 @@ def masked_stats_pool(h, mask):
 class Encoder(nn.Module):
     """Generic encoder: norm -> 2-D conv trunk (time stride `stride`) -> optional BiGRU -> pooling.
 
+    `utt_norm`: also subtract each clip's own mean over its valid frames after the global
+    normalisation (cepstral-mean-style normalisation): removes the channel and much of the
+    speaker's long-term spectral envelope, which helps across speakers and microphones.
+
     forward(x (B, T, F), lengths) -> {"embedding": (B, D), "frames": (B, T', H), "frame_lengths": (B,)}
     """
 
     def __init__(self, n_mels: int, trunk: nn.Module, stride: int,
                  rnn_hidden: int = 0, rnn_layers: int = 1, proj: int = 0, pool: str = "attention",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, utt_norm: bool = False):
         super().__init__()
         self.norm = InputNorm(n_mels)
+        self.utt_norm = bool(utt_norm)
         self.trunk = trunk
         self.stride = stride
         with torch.no_grad():
@@ -95,6 +100,9 @@ class Encoder(nn.Module):
     def forward(self, x, lengths=None):
         B, T, _ = x.shape
         x = self.norm(x)
+        if self.utt_norm:
+            m = length_mask(lengths, T, B, x.device)[..., None].to(x.dtype)
+            x = (x - (x * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1)) * m
         h = self.trunk(x.unsqueeze(1))                      # (B, C, T', F')
         Bc, C, Tp, Fp = h.shape
         h = h.permute(0, 2, 1, 3).reshape(B, Tp, C * Fp)   # (B, T', C*F')
