@@ -3,8 +3,11 @@
 Conventional split: takes 0-4 of every speaker/digit are the test set; of the training takes,
 `--per-class` clips per class keep their label and the rest are unlabeled. Reports test accuracy of:
 supervised-only, each semi-supervised objective (mean teacher, VAT, mixup, MixMatch, FixMatch),
-contrastive pretrain + fine-tune, pretrain + linear probe (frozen encoder), pretrain + FixMatch,
-a pseudo-label round (teacher ensemble -> `pseudo_label --threshold` -> student), and full labels.
+contrastive and masked pretrain + fine-tune / + linear probe (frozen encoder), pretrain + FixMatch,
+a pseudo-label round (teacher ensemble -> `pseudo_label --threshold` -> student), curriculum
+self-training (6 rounds of top-N-per-class pseudo labels, fresh students, per-clip mean
+normalisation), and full labels. Every run uses SpecAugment masks plus frequency warping (a cheap
+vocal-tract-length perturbation) and time warping.
 
     flock /tmp/pllcli-bench.lock python examples/bench_ssl.py /work/shared/data/fsdd/recordings \
         --work /work/runs/ssl2 --json /work/runs/ssl2/bench_ssl.json
@@ -199,7 +202,8 @@ def main(argv=None):
         "masked pretrain+linear": ("few", ["ce"], SE, {"batch_size": 16, "clean_share": 0.0, "init": "enc:masked",
                                                        "freeze": True}),
         # curriculum self-training (see self_training below)
-        "self-training (6 rounds)": ("rounds", ["ce", "distill:alpha=1"], args.student_epochs, {}),
+        "self-training (6 rounds)": ("rounds", ["ce", "distill:alpha=1", "fixmatch:threshold=0.9"],
+                                     args.student_epochs, {}),
         "pretrain+fixmatch": ("semi", ["ce", fm], E, {"init": "enc"}),
         # self-training: soft labels from the FixMatch teachers, student from the pretrained encoder
         "pseudo-label student": ("pseudo", ["ce", "distill:alpha=1", fm], E, {"init": "enc"}),
@@ -226,7 +230,7 @@ def main(argv=None):
         """Curriculum self-training with per-clip mean normalisation (`--model-opt utt_norm=true`):
         a supervised teacher on the 50 labels, then rounds of `pseudo-label --top-n-per-class N
         --only-unlabeled` (N = 25/50/75/100/100/100% of a class's share of the unlabeled clips)
-        and a fresh student (`ce` + `distill:alpha=1`) that teaches the next round."""
+        and a fresh student (`ce` + `distill:alpha=1` + `fixmatch`) that teaches the next round."""
         import shutil
         opts = {**mopt, "utt_norm": True}
         common = dict(model="convgru", model_options=opts, valid_fraction=0.0, seed=args.seed, device="cpu",
@@ -277,6 +281,7 @@ def main(argv=None):
             extra_info["self_training"] = info
             commands[name] = ("see self_training() in examples/bench_ssl.py: pllcli pseudo-label --top-n-per-class N "
                               "--only-unlabeled, then pllcli train --objective ce --objective distill:alpha=1 "
+                              "--objective fixmatch:threshold=0.9 "
                               "--model-opt utt_norm=true, 6 rounds")
             print(f"{name:24s} acc {acc:.4f}  ({timings[name]:.0f}s)", file=sys.stderr, flush=True)
             dump()
