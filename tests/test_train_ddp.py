@@ -17,7 +17,8 @@ def test_torchrun_two_cpu_processes(tmp_path):
     make_labels(tmp_path / "l.h5", y)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29617", "-m", "pllcli", "-q", "train",
+    # --standalone: a free rendezvous port of its own (a fixed port fails when another run holds it)
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "pllcli", "-q", "train",
            str(tmp_path / "f.h5"), "--labels", str(tmp_path / "l.h5"), "-o", str(tmp_path / "run"),
            "--epochs", "2", "--batch-size", "8", "--model-opt", "width=4,rnn_hidden=8,proj=8",
            "--device", "cpu", "--valid-fraction", "0"]
