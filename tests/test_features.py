@@ -431,3 +431,23 @@ def test_frontend_exports_to_onnx_with_dynamic_length(tmp_path):
     ref = fe(torch.from_numpy(x2)).numpy()
     assert got.shape == ref.shape == (3, FeatureConfig.preset("speech8k").num_frames(6001), 64)
     np.testing.assert_allclose(got, ref, atol=1e-3)
+
+
+def test_store_tmp_file_is_created_exclusively(tmp_path, monkeypatch):
+    """The writer's tmp file is made with O_EXCL (never an existing file reopened with O_TRUNC,
+    which on ext4 forces a writeback of the whole store at close): a taken name is skipped and
+    left untouched, the new file is private (0600) until it is renamed into place."""
+    import os
+    import secrets
+
+    import h5py
+
+    from pllcli.features.store import _create_new_h5
+    taken = tmp_path / ".s.h5.aaaa.tmp"
+    taken.write_bytes(b"someone else's file")
+    names = iter(["aaaa", "bbbb"])
+    monkeypatch.setattr(secrets, "token_hex", lambda n: next(names))
+    path, f = _create_new_h5(h5py, tmp_path, ".s.h5.")
+    f.close()
+    assert path.name == ".s.h5.bbbb.tmp" and taken.read_bytes() == b"someone else's file"
+    assert os.stat(path).st_mode & 0o777 == 0o600

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -228,6 +227,26 @@ def store_attrs(config: FeatureConfig, extra: dict[str, Any] | None = None) -> d
     return attrs
 
 
+def _create_new_h5(h5py, folder: Path, prefix: str):
+    """(path, h5py.File) of a new, uniquely named, 0600 file created with O_EXCL.
+
+    Not mkstemp + h5py "w": that reopens the existing empty file with O_TRUNC, and ext4
+    (auto_da_alloc) then writes back all of the file's data when it is closed, which made
+    closing a 120 MB store take ~55 ms in featurize's serial tail instead of ~5 ms.
+    """
+    import secrets
+    for _ in range(100):
+        path = folder / f"{prefix}{secrets.token_hex(4)}.tmp"
+        umask = os.umask(0o077)
+        try:
+            return path, h5py.File(path, "x")
+        except FileExistsError:
+            continue
+        finally:
+            os.umask(umask)
+    raise FileExistsError(f"could not create a temporary file in {folder}")
+
+
 class FeatureStoreWriter:
     """Append items to a new store; the file appears at `path` only on `close()` (tmp + rename;
     the tmp lives in `tmp_dir`, default beside `path`, which must be on the same filesystem).
@@ -246,10 +265,7 @@ class FeatureStoreWriter:
         self.dtype = np.dtype(config.dtype)
         self.F = config.n_mels
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=tmp_dir or self.path.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
-        self.f = h5py.File(self.tmp, "w")
+        self.tmp, self.f = _create_new_h5(h5py, Path(tmp_dir or self.path.parent), f".{self.path.name}.")
         for k, v in store_attrs(config, attrs).items():
             self.f.attrs[k] = v
         s = h5py.string_dtype("utf-8")
@@ -341,7 +357,7 @@ class FeatureStoreWriter:
         self.f.close()
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+        os.chmod(self.tmp, 0o666 & ~umask)  # the tmp is made 0600; give the usual permissions
         os.replace(self.tmp, self.path)
         self.closed = True
         return self.path
