@@ -77,6 +77,19 @@ def split_stores(work: Path, src_store: Path, per_class: int, seed: int):
     return out, sizes
 
 
+def kept_pseudo_labels(path) -> tuple[int, float | None]:
+    """(items with a soft label, accuracy of their argmax) in a pseudo-label store; scoring only:
+    the digit is the first field of an FSDD id."""
+    from pllcli.labels.store import read_label_store
+    d = read_label_store(path)
+    rows = np.flatnonzero(d.has_soft)
+    if len(rows) == 0:
+        return 0, None
+    pred = np.asarray(d.classes)[d.soft_matrix(rows).argmax(1)].astype(int)
+    truth = np.array([int(str(d.ids[r]).split("_")[0]) for r in rows])
+    return int(len(rows)), float((pred == truth).mean())
+
+
 def accuracy(ckpt: Path, test_feats: Path) -> float:
     import torch
     from pllcli.checkpoint import load_model
@@ -177,12 +190,7 @@ def main(argv=None):
                                       + " ".join(f"-t {t}" for t in teachers)
                                       + f" --threshold {args.threshold:g} --only-unlabeled")
         # accuracy of the kept pseudo labels (scoring only: digit is in the id)
-        from pllcli.labels.store import read_label_store
-        d = read_label_store(out)
-        rows = np.flatnonzero(d.has_soft)
-        ok = [int(d.classes[d.soft(r)[0][np.argmax(d.soft(r)[1])]]) == int(str(d.ids[r]).split("_")[0]) for r in rows]
-        extra_info["pseudo_kept"] = int(len(rows))
-        extra_info["pseudo_kept_acc"] = float(np.mean(ok)) if ok else None
+        extra_info["pseudo_kept"], extra_info["pseudo_kept_acc"] = kept_pseudo_labels(out)
         return str(out)
 
     ramp = f"schedule=sigmoid,start=0,end={max(1, E // 3)}"
@@ -242,25 +250,21 @@ def main(argv=None):
         teacher = outdir / "last.pt"
         rounds = [{"round": 0, "student_acc": round(accuracy(teacher, paths["test"][0]), 4)}]
         n_unl = sizes["train"] - sizes["labeled"]
-        from pllcli.labels.store import read_label_store
         for r, frac in enumerate((0.25, 0.5, 0.75, 1.0, 1.0, 1.0), 1):
             pl = work / f"selftrain_r{r}.h5"
             pl.unlink(missing_ok=True)
             pseudo_label(paths["semi"][0], [teacher], paths["semi"][1], pl, only_unlabeled=True,
                          top_n_per_class=int(round(frac * n_unl / len(CLASSES))), device="cpu")
-            d = read_label_store(pl)
-            kept = np.flatnonzero(d.has_soft)
-            ok = np.mean([int(d.classes[d.soft(q)[0][np.argmax(d.soft(q)[1])]]) == int(str(d.ids[q]).split("_")[0])
-                          for q in kept])
+            n_kept, ok = kept_pseudo_labels(pl)
             outdir = work / f"run_selftrain_r{r}"
             shutil.rmtree(outdir, ignore_errors=True)
             train(TrainConfig(features=str(paths["semi"][0]), labels=str(pl), outdir=str(outdir), objectives=objs,
                               epochs=epochs, batch_size=64, clean_share=args.clean_share, **common))
             teacher = outdir / "last.pt"
             acc = accuracy(teacher, paths["test"][0])
-            rounds.append({"round": r, "pseudo_labels": int(len(kept)), "pseudo_label_acc": round(float(ok), 4),
+            rounds.append({"round": r, "pseudo_labels": n_kept, "pseudo_label_acc": round(float(ok), 4),
                            "student_acc": round(acc, 4)})
-            print(f"  self-training round {r}: {len(kept)} pseudo labels (acc {ok:.3f}) -> student {acc:.4f}",
+            print(f"  self-training round {r}: {n_kept} pseudo labels (acc {ok:.3f}) -> student {acc:.4f}",
                   file=sys.stderr, flush=True)
         return acc, rounds
 

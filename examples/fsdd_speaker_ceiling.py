@@ -66,22 +66,18 @@ def dtw_1nn(train, test) -> np.ndarray:
     return dist.argmin(1)
 
 
+def _infer(model, clips, outputs=("logits",)) -> dict:
+    """`pllcli.predict.infer` on a list of (T, F) clips, batched as `pllcli evaluate` batches them."""
+    from pllcli.predict import infer
+    from pllcli.training.data import InMemoryFeatures
+    mem = InMemoryFeatures(np.concatenate(clips), np.concatenate([[0], np.cumsum([len(a) for a in clips])]))
+    return infer(model, mem, None, "cpu", 128, outputs=outputs)
+
+
 def predict_digits(ckpt, clips) -> np.ndarray:
-    """Digits predicted by a checkpoint, batched as `pllcli evaluate` batches them."""
     from pllcli.checkpoint import load_model
-    from pllcli.predict import infer
-    from pllcli.training.data import InMemoryFeatures
     model, meta = load_model(ckpt)
-    mem = InMemoryFeatures(np.concatenate(clips), np.concatenate([[0], np.cumsum([len(a) for a in clips])]))
-    logits = infer(model, mem, None, "cpu", 128)["logits"]
-    return np.array([int(meta["classes"][k]) for k in logits.argmax(1)])
-
-
-def _embeddings(model, clips) -> np.ndarray:
-    from pllcli.predict import infer
-    from pllcli.training.data import InMemoryFeatures
-    mem = InMemoryFeatures(np.concatenate(clips), np.concatenate([[0], np.cumsum([len(a) for a in clips])]))
-    return infer(model, mem, None, "cpu", 128, outputs=("logits", "embedding"))["embedding"]
+    return np.array([int(meta["classes"][k]) for k in _infer(model, clips)["logits"].argmax(1)])
 
 
 def encoder_probes(work, few, y_few, test, y_test, model_options) -> dict:
@@ -103,7 +99,7 @@ def encoder_probes(work, few, y_few, test, y_test, model_options) -> dict:
             state, meta = load_checkpoint(path)
             model.encoder.load_state_dict(encoder_state(state, meta), strict=False)
         model.eval()
-        ef, et = _embeddings(model, few), _embeddings(model, test)
+        ef, et = (_infer(model, c, ("logits", "embedding"))["embedding"] for c in (few, test))
         sc = StandardScaler().fit(ef)
         clf = LogisticRegression(max_iter=3000).fit(sc.transform(ef), y_few)
         out[name] = float(clf.score(sc.transform(et), y_test))
@@ -112,11 +108,9 @@ def encoder_probes(work, few, y_few, test, y_test, model_options) -> dict:
 
 def neighbour_smoothing(ckpt, clips, y, k: int = 10) -> dict:
     from pllcli.checkpoint import load_model
-    from pllcli.predict import infer, probabilities
-    from pllcli.training.data import InMemoryFeatures
+    from pllcli.predict import probabilities
     model, meta = load_model(ckpt)
-    mem = InMemoryFeatures(np.concatenate(clips), np.concatenate([[0], np.cumsum([len(a) for a in clips])]))
-    res = infer(model, mem, None, "cpu", 128, outputs=("logits", "embedding"))
+    res = _infer(model, clips, ("logits", "embedding"))
     p = probabilities(res["logits"])
     e = res["embedding"] / np.linalg.norm(res["embedding"], axis=1, keepdims=True)
     nn = np.argsort(-(e @ e.T), axis=1)[:, :k]

@@ -192,7 +192,7 @@ def score_checkpoint(checkpoint, features, *, batch_size: int = 32, device: str 
         raise ConfigMismatchError(f"{features}: feature config hash {fs.config_hash} differs from the "
                                   f"checkpoint's {want}{detail}; featurize the audio with the checkpoint's config")
     from pllcli.events import frame_hop as _frame_hop
-    from pllcli.predict import chunk_frames_for, clip_probabilities, infer
+    from pllcli.predict import score_clips
     from pllcli.training.data import InMemoryFeatures
     classes = [str(c) for c in meta["classes"]]
     task = meta.get("task", "single")
@@ -200,9 +200,8 @@ def score_checkpoint(checkpoint, features, *, batch_size: int = 32, device: str 
     durations = np.asarray(fs.durations, dtype=np.float64)
     feats, offsets = fs.load_all()
     mem = InMemoryFeatures(feats, offsets, dev)
-    res = infer(model, mem, None, dev, batch_size, optional=("frame_logits",))
-    probs = clip_probabilities(model, mem, res["logits"], task, chunk_frames_for(meta, fs.config, chunk), dev,
-                               batch_size).astype(np.float64)
+    probs, res, _ = score_clips(model, meta, mem, fs.config, dev, batch_size, chunk, frames="optional")
+    probs = probs.astype(np.float64)
     frame_probs, frame_hop = {}, {}
     if "frame_logits" in res:  # the same frame outputs and hop as `pllcli predict --events`
         fp = 1.0 / (1.0 + np.exp(-res["frame_logits"]))

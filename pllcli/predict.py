@@ -75,13 +75,26 @@ def chunk_frames_for(meta: dict, feature_config, chunk: float | None) -> int:
     return max(1, int(round(float(sec) * feature_config.sample_rate / feature_config.hop_length)))
 
 
-def clip_probabilities(model, mem, logits: np.ndarray, task: str, chunk_frames: int, device,
-                       batch_size: int = 64, amp: bool = False) -> np.ndarray:
-    """(N, C) probabilities: of the whole-clip `logits`, or the mean over chunks of `chunk_frames`."""
-    if chunk_frames > 0:
+def score_clips(model, meta: dict, mem, feature_config, device, batch_size: int = 64, chunk: float | None = None,
+                frames: str | None = None, amp: bool = False) -> tuple[np.ndarray, dict, int]:
+    """(probabilities (N, C), whole-clip outputs of `infer`, chunk frames) for every clip of `mem`.
+
+    `frames`: None (no frame outputs), "optional" (kept when the model gives them) or "required".
+    With chunk averaging (`chunk_frames_for`) the probabilities are the mean over chunks and the
+    whole clips are run only when frame outputs are wanted.
+    """
+    task = meta.get("task", "single")
+    chunk_frames = chunk_frames_for(meta, feature_config, chunk)
+    may_have_frames = getattr(model, "frame_level", True)  # a clip-level Classifier has none
+    res: dict = {}
+    if not chunk_frames or frames == "required" or (frames == "optional" and may_have_frames):
+        res = infer(model, mem, None, device, batch_size, amp=amp,
+                    outputs=("logits", "frame_logits") if frames == "required" else ("logits",),
+                    optional=("frame_logits",) if frames == "optional" else ())
+    if chunk_frames:
         from pllcli.training.segments import chunk_probabilities
-        return chunk_probabilities(model, mem, chunk_frames, task, device, batch_size, amp)
-    return probabilities(logits, task)
+        return chunk_probabilities(model, mem, chunk_frames, task, device, batch_size, amp), res, chunk_frames
+    return probabilities(res["logits"], task), res, 0
 
 
 def probabilities(logits: np.ndarray, task: str = "single") -> np.ndarray:
@@ -192,10 +205,8 @@ def _predict_store(model, meta, checkpoint, store, features, out, top_k_n, restr
     feats, offsets = fs.load_all()
     mem = InMemoryFeatures(feats, offsets, dev)
     want_frames = events is not None or frame_scores is not None
-    res = infer(model, mem, None, dev, batch_size, amp=dev.type == "cuda",
-                outputs=("logits", "frame_logits") if want_frames else ("logits",))
-    chunk_frames = chunk_frames_for(meta, fs.config, chunk)
-    probs = clip_probabilities(model, mem, res["logits"], task, chunk_frames, dev, batch_size, dev.type == "cuda")
+    probs, res, chunk_frames = score_clips(model, meta, mem, fs.config, dev, batch_size, chunk,
+                                           frames="required" if want_frames else None, amp=dev.type == "cuda")
     n_events = None
     if want_frames:
         n_events = _write_frame_outputs(fs, classes, res["frame_logits"], res["frame_lengths"], events,

@@ -146,13 +146,10 @@ def augment_batch(x: torch.Tensor, lengths: torch.Tensor | None, cfg: AugmentCon
     y = x.clone()
     if cfg.freq_warp > 0 or cfg.time_warp > 0:
         from pllcli.training.augment import freq_warp, time_warp
-        with torch.random.fork_rng(devices=[]):
-            if g is not None:
-                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
-            if cfg.freq_warp > 0:
-                y = freq_warp(y, cfg.freq_warp)
-            if cfg.time_warp > 0:
-                y = time_warp(y, lengths if lengths is not None else torch.full((b,), t), cfg.time_warp)
+        if cfg.freq_warp > 0:
+            y = freq_warp(y, cfg.freq_warp, g)
+        if cfg.time_warp > 0:
+            y = time_warp(y, lengths if lengths is not None else torch.full((b,), t), cfg.time_warp, g)
 
     def rand(*shape):
         return torch.rand(*shape, generator=g).to(dev)

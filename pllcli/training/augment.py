@@ -51,23 +51,30 @@ def _lerp_gather(x: torch.Tensor, src: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.gather(x, dim, lo.expand(shape)) * (1 - w) + torch.gather(x, dim, hi.expand(shape)) * w
 
 
-def freq_warp(x: torch.Tensor, max_warp: float) -> torch.Tensor:
+def _uniform(shape, device, generator=None) -> torch.Tensor:
+    """U[0, 1) of `shape` on `device`; from `generator` (a CPU generator) when given, else the global RNG."""
+    if generator is None:
+        return torch.rand(*shape, device=device)
+    return torch.rand(*shape, generator=generator).to(device)
+
+
+def freq_warp(x: torch.Tensor, max_warp: float, generator=None) -> torch.Tensor:
     """(B, T, F): bin f takes the value at f * a_b, a_b ~ U[1-max_warp, 1+max_warp] (edges clamped)."""
     B, T, F = x.shape
-    a = 1 + (torch.rand(B, 1, 1, device=x.device) * 2 - 1) * max_warp
+    a = 1 + (_uniform((B, 1, 1), x.device, generator) * 2 - 1) * max_warp
     src = (torch.arange(F, device=x.device, dtype=torch.float32)[None, None, :] * a).clamp(0, F - 1)
     return _lerp_gather(x, src, 2)
 
 
-def time_warp(x: torch.Tensor, lengths: torch.Tensor, max_warp: float) -> torch.Tensor:
+def time_warp(x: torch.Tensor, lengths: torch.Tensor, max_warp: float, generator=None) -> torch.Tensor:
     """(B, T, F): the valid frames of each item are warped piecewise-linearly (one anchor moved by
     up to max_warp * length); lengths and padding are unchanged."""
     B, T, F = x.shape
     dev = x.device
     L = lengths.to(dev).float().clamp_min(2)[:, None]                     # (B, 1)
     lo, hi = torch.ones_like(L), (L - 2).clamp_min(1)
-    c = ((0.25 + 0.5 * torch.rand(B, 1, device=dev)) * (L - 1)).clamp(lo, hi)   # source anchor
-    d = (torch.rand(B, 1, device=dev) * 2 - 1) * max_warp * L
+    c = ((0.25 + 0.5 * _uniform((B, 1), dev, generator)) * (L - 1)).clamp(lo, hi)   # source anchor
+    d = (_uniform((B, 1), dev, generator) * 2 - 1) * max_warp * L
     c2 = (c + d).clamp(lo, hi)                                                  # its new position
     t = torch.arange(T, device=dev, dtype=torch.float32)[None, :]
     left = t * c / c2

@@ -68,11 +68,8 @@ def expand_segments(feats: np.ndarray, offsets: np.ndarray, ids, lab, label_rows
     if len(keep_soft):
         out.set_soft(keep_soft, lab.soft_matrix(parent_lrow[keep_soft]))
     rows = np.flatnonzero(is_seg)
-    dense = np.zeros((len(rows), lab.num_classes), np.float32)
-    for k, s in enumerate(seg_index[rows].tolist()):
-        a, b = lab.segments_indptr[s], lab.segments_indptr[s + 1]
-        dense[k, lab.segments_indices[a:b]] = lab.segments_values[a:b]
-    out.set_soft(rows, dense)
+    out.set_soft(rows, lab._dense(seg_index[rows], lab.segments_indptr, lab.segments_indices,
+                                  lab.segments_values))
     out.segments_item = np.zeros(0, np.int32)
     out.segments_onset = np.zeros(0, np.float32)
     out.segments_offset = np.zeros(0, np.float32)
@@ -93,18 +90,15 @@ def chunk_view(mem, chunk_frames: int):
     """
     if chunk_frames < 1:
         raise UsageError("chunk length must be at least one frame")
-    bounds, parent = [], []
-    for r in range(len(mem.num_frames)):
-        a, b = int(mem.offsets[r]), int(mem.offsets[r + 1])
-        starts = list(range(a, b, chunk_frames)) or [a]
-        bounds.extend(starts)
-        parent.extend([r] * len(starts))
-    bounds.append(int(mem.offsets[-1]))
+    n_chunks = np.maximum(1, -(-mem.num_frames // chunk_frames))            # ceil, >= 1 per clip
+    parent = np.repeat(np.arange(len(n_chunks)), n_chunks)
+    first = np.concatenate([[0], np.cumsum(n_chunks)[:-1]])
+    starts = mem.offsets[parent] + (np.arange(len(parent)) - first[parent]) * chunk_frames
     view = object.__new__(type(mem))
     view.__dict__.update(mem.__dict__)
-    view.offsets = np.asarray(bounds, np.int64)
+    view.offsets = np.append(starts, mem.offsets[-1]).astype(np.int64)
     view.num_frames = np.diff(view.offsets)
-    return view, np.asarray(parent, np.int64)
+    return view, parent
 
 
 def chunk_probabilities(model, mem, chunk_frames: int, task: str, device, batch_size: int = 64,
