@@ -11,7 +11,9 @@ imported before the clock starts, for the naive loop and for featurize alike:
 - featurize --jobs 1 and --jobs 2 on the corpus (manifest), HDF5 written;
 - featurize --jobs 1 and --jobs 2 on the corpus listed 4 times with distinct ids (scaling
   on a longer run; peak RSS vs corpus size).
-`--rows` picks the measurements (default all); `cpu s` counts the CPU time of the
+The runs go in rounds (one run of each measurement per round, --repeats rounds) and the best
+run of each counts; ratios are also given per round (median and range), since the runs of
+one round share the machine's state (other tenants make whole minutes slower or faster). `--rows` picks the measurements (default all); `cpu s` counts the CPU time of the
 measured process and its workers, a steadier figure than wall time on a shared machine.
 `--layout N` adds the storage-layout comparison (ragged vs one dataset per clip) for N clips.
 """
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -92,7 +95,10 @@ def _run_child(mode: str, manifest: Path, args, jobs: int = 1) -> dict:
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{p.stderr}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    if not r["files"]:
+        raise SystemExit(f"{mode}: no file was featurized (check the paths in {manifest})")
+    return r
 
 
 def _layout(n: int, work: Path, seed: int = 0) -> list[dict]:
@@ -179,24 +185,25 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     args.work = work
     exts = (".wav", ".flac", ".ogg", ".mp3")
-    files = sorted(str(p) for p in Path(args.data).rglob("*") if p.suffix.lower() in exts)
+    files = sorted(str(p.resolve()) for p in Path(args.data).rglob("*") if p.suffix.lower() in exts)
     if not files:
         raise SystemExit(f"{args.data}: no audio files")
     m1, m4 = work / "corpus.csv", work / "corpus_x4.csv"
     m1.write_text("id,path\n" + "".join(f"{Path(f).stem},{f}\n" for f in files))
     m4.write_text("id,path\n" + "".join(f"r{r}_{Path(f).stem},{f}\n" for r in range(4) for f in files))
 
-    def best(mode, manifest, jobs=1):
-        runs = [_run_child(mode, manifest, args, jobs) for _ in range(args.repeats)]
-        r = min(runs, key=lambda r: r["wall_s"])
-        r["runs_wall_s"] = [round(x["wall_s"], 3) for x in runs]
-        return r
-
     res = {"data": args.data, "files": len(files), "preset": args.preset, "chunk_size": args.chunk_size,
            "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()}
-    for row in args.rows:
-        mode, _, x4 = row.partition("_")
-        res[row] = best(row, m4 if x4 else m1, 2 if mode == "jobs2" else 1)
+    # rounds of one run per measurement, so that a slow spell of the machine (other tenants)
+    # hits every row alike instead of all repeats of one row; the best run of each row counts
+    runs: dict[str, list[dict]] = {row: [] for row in args.rows}
+    for _ in range(args.repeats):
+        for row in args.rows:
+            mode, _, x4 = row.partition("_")
+            runs[row].append(_run_child(row, m4 if x4 else m1, args, 2 if mode == "jobs2" else 1))
+    for row, rs in runs.items():
+        res[row] = min(rs, key=lambda r: r["wall_s"])
+        res[row]["runs_wall_s"] = [round(x["wall_s"], 3) for x in rs]
     res["loadavg_end"] = os.getloadavg()
     ratios = [("speedup_vs_naive", "jobs1", "naive", "jobs1 / naive"),
               ("scaling_1_to_2_jobs", "jobs2", "jobs1", "jobs2 / jobs1"),
@@ -204,6 +211,8 @@ def main() -> None:
     for key, a, b, _ in ratios:
         if a in res and b in res:
             res[key] = res[a]["x_rt"] / res[b]["x_rt"]
+            # the same ratio within each round (runs a minute apart share the machine's state)
+            res[key + "_per_round"] = [rb["wall_s"] / ra["wall_s"] for ra, rb in zip(runs[a], runs[b])]
     if "jobs1" in res and "jobs1_x4" in res:
         res["rss_ratio_x4"] = res["jobs1_x4"]["peak_rss_mb"] / res["jobs1"]["peak_rss_mb"]
     print(f"load average (1 min) at start {res['loadavg_start'][0]:.2f}, at end {res['loadavg_end'][0]:.2f} "
@@ -215,10 +224,12 @@ def main() -> None:
         split = f"{r['cpu_parent_s']:.3f}/{r['cpu_workers_s']:.3f}" if "cpu_parent_s" in r else "-"
         print(f"{k:<12}{r['files']:>7}{r['audio_s']:>10.1f}{r['wall_s']:>9.3f}{r['cpu_s']:>8.3f}{split:>16}"
               f"{r['x_rt']:>8.0f}{r['peak_rss_mb']:>13.0f}  {' '.join(f'{w:.3f}' for w in r['runs_wall_s'])}")
-    line = [f"{label} = {res[key]:.2f}x" for key, _, _, label in ratios if key in res]
+    line = [f"{label} = {res[key]:.2f}x (per round: median {statistics.median(res[key + '_per_round']):.2f}, "
+            f"{min(res[key + '_per_round']):.2f}-{max(res[key + '_per_round']):.2f})"
+            for key, _, _, label in ratios if key in res]
     if "rss_ratio_x4" in res:
         line.append(f"RSS x4 corpus / corpus = {res['rss_ratio_x4']:.2f}")
-    print("   ".join(line))
+    print("\n".join(line))
     if args.layout:
         res["layout"] = []
         print(f"\n{'layout':<10}{'clips':>8}{'write s':>9}{'open s':>9}{'rand ms':>9}{'all s':>8}{'MB':>8}")

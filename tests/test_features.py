@@ -138,8 +138,58 @@ def test_parallel_run_reports_a_failing_worker(monkeypatch):
     with pytest.raises(RuntimeError, match="featurize worker failed") as e:
         E._run_parallel([(k,) for k in range(50)], 2, slow_handle)
     assert "ValueError: boom in chunk" in str(e.value)
-    import multiprocessing as mp
-    assert not mp.active_children()  # the workers are gone
+    assert _children() == []  # the workers are gone, and reaped (no zombie)
+
+
+def _children() -> list[int]:
+    """pids (zombies included) whose parent is this process."""
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+                kids.append(int(d))
+    return kids
+
+
+def test_parallel_run_reports_a_killed_worker(monkeypatch):
+    import signal
+
+    import pllcli.features.extract as E
+    parent = os.getpid()
+
+    def fake_chunk(task):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.01)
+        return {"chunk": task[0]}
+
+    monkeypatch.setattr(E, "process_chunk", fake_chunk)
+    seen = []
+    with pytest.raises(RuntimeError, match=f"featurize worker exited with code -{int(signal.SIGKILL)}"):
+        E._run_parallel([(k,) for k in range(50)], 2, seen.append)
+    assert len(seen) < 50 and _children() == []
+
+
+def test_parallel_run_returns_finished_workers_and_calls_idle(monkeypatch):
+    import pllcli.features.extract as E
+    parent = os.getpid()
+
+    def fake_chunk(task):
+        time.sleep(0.002 if os.getpid() == parent else 0.02)  # the worker is slower: the parent waits
+        return {"chunk": task[0], "pid": os.getpid(), "block": None}
+
+    monkeypatch.setattr(E, "process_chunk", fake_chunk)
+    seen, idle = [], []
+    pids = E._run_parallel([(k,) for k in range(40)], 3, seen.append, idle=lambda: idle.append(1))
+    assert sorted(r["chunk"] for r in seen) == list(range(40))  # each task once
+    assert len({r["pid"] for r in seen}) == 3 and len(pids) == 2
+    assert idle == [1]
+    E._finish_workers(pids)
+    assert _children() == []
 
 
 def test_no_empty_mel_filters_in_presets():
@@ -297,6 +347,86 @@ def test_store_roundtrip_random_access_load_all(tmp_path):
     assert fs.config == c and fs.config_hash == c.hash()
     assert fs.attrs["format"] == "pllcli-features" and fs.attrs["n_mels"] == 64
     assert not list(tmp_path.glob(".*tmp"))  # no temporary left behind
+
+
+def test_writer_blocks_equal_item_by_item(tmp_path, monkeypatch):
+    """add_blocks writes features at once and gathers the per-item columns; the store must
+    be the same as writing item by item, across several column flushes and an empty block."""
+    import pllcli.features.store as S
+    monkeypatch.setattr(S, "COLUMN_ITEMS", 7)
+    c = FeatureConfig.preset("speech8k")
+    items = _items(23)
+    ref = write_feature_store(tmp_path / "ref.h5", c, items, ["speaker"])
+
+    def block(its):
+        return ([it["id"] for it in its], np.concatenate([it["features"] for it in its]) if its else
+                np.zeros((0, 64), np.float32), np.array([len(it["features"]) for it in its], np.int64),
+                np.array([it["duration"] for it in its]), np.array([it["path"] for it in its]),
+                {"speaker": np.array([it["meta"]["speaker"] for it in its])})
+
+    with FeatureStoreWriter(tmp_path / "b.h5", c, ["speaker"]) as w:
+        w.add_blocks([block(items[:5]), block([]), block(items[5:6])])
+        w.add_block(*block(items[6:17]))
+        for it in items[17:20]:
+            w.add(it["id"], it["features"], it["duration"], it["path"], it["meta"])
+        w.add_blocks([block(items[20:])])
+        with pytest.raises(ValueError, match="features block must be"):
+            w.add_blocks([block(items[:2])[:1] + (np.zeros((3, 64), np.float32),) + block(items[:2])[2:]])
+    a, b = FeatureStore(ref), FeatureStore(tmp_path / "b.h5")
+    assert list(a.ids) == list(b.ids) and list(a.paths) == list(b.paths)
+    for name in ("offsets", "num_frames", "durations"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    np.testing.assert_array_equal(a.load_all()[0], b.load_all()[0])
+    assert list(a.meta("speaker")) == list(b.meta("speaker")) and b.attrs["num_items"] == 23
+
+
+def test_chunk_bounds_cover_the_input_and_shrink_at_the_end():
+    from pllcli.features.extract import MIN_TAIL_CHUNK, chunk_bounds
+    assert [b - a for a, b in chunk_bounds(3000, 256)] == [256] * 10 + [147, 98, 65, 44, 29, 19, 16, 22]
+    assert chunk_bounds(0, 4) == [] and chunk_bounds(5, 256) == [(0, 5)]
+    assert [b - a for a, b in chunk_bounds(8, 2)] == [2, 2, 2, 2]  # no piece below a small chunk size
+    for n in (1, 2, 17, 100, 513, 1000, 12345):
+        for size in (1, 3, 16, 64, 256):
+            b = chunk_bounds(n, size)
+            assert b[0][0] == 0 and b[-1][1] == n and all(x[1] == y[0] for x, y in zip(b, b[1:]))
+            sizes = [y - x for x, y in b]
+            assert max(sizes) <= size and min(sizes) >= 1
+            full = max(0, -(-(n - 2 * size) // size))  # chunks before the last 2 x size items
+            assert sizes[:full] == [size] * full and sum(sizes[full:]) <= 2 * size
+            tail = sizes[full:]
+            assert all(s >= min(size, MIN_TAIL_CHUNK) for s in tail[:-1])
+            assert all(x >= y for x, y in zip(tail[:-2], tail[1:-1]))  # shrinking (the last may take a crumb)
+
+
+def test_part_records_read_without_copy_equal_numpy(tmp_path):
+    from pllcli.features.extract import _load_part, _map_records
+    arrays = [np.frombuffer(b'{"meta_columns": []}', np.uint8), np.array(["a", "bcd"]),
+              np.arange(12, dtype=np.float32).reshape(4, 3), np.zeros((0, 64), np.float16),
+              np.array([3, 1], np.int64), np.array(2.5), np.array(["x" * 300])]
+    p = tmp_path / "part.npys"
+    with open(p, "wb") as f:
+        for a in arrays:
+            np.lib.format.write_array(f, a, allow_pickle=False)
+    got = _map_records(p)
+    assert len(got) == len(arrays)
+    for a, g in zip(arrays, got):
+        assert g.dtype == a.dtype and g.shape == a.shape and np.array_equal(g, a)
+        assert not g.flags.writeable  # a view of the mapped file
+    # a header numpy writes in another layout (big-endian, fortran order) takes numpy's parser
+    with open(tmp_path / "f.npys", "wb") as f:
+        np.lib.format.write_array(f, np.arange(6, dtype=">i4").reshape(2, 3))
+    assert _map_records(tmp_path / "f.npys")[0].tolist() == [[0, 1, 2], [3, 4, 5]]
+    with open(tmp_path / "g.npys", "wb") as f:
+        np.lib.format.write_array(f, np.asfortranarray(np.ones((2, 3))))
+    with pytest.raises(ValueError, match="unexpected record layout"):
+        _map_records(tmp_path / "g.npys")
+    data = p.read_bytes()
+    (tmp_path / "cut.npys").write_bytes(data[:-5])
+    (tmp_path / "empty.npys").write_bytes(b"")
+    for bad in ("cut.npys", "empty.npys"):
+        with pytest.raises(ValueError):
+            _map_records(tmp_path / bad)
+        assert _load_part(tmp_path / bad) is None  # a damaged part is redone
 
 
 def test_store_reopens_after_pid_change_and_pickles(tmp_path):

@@ -12,10 +12,13 @@ output's temporary file is renamed onto OUT and the parts folder is removed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -32,15 +35,15 @@ from pllcli.features.config import FeatureConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK = 256          # files per chunk: ~30 ms of work, so 2-job runs end within ~30 ms of each other
+DEFAULT_CHUNK = 256          # files per chunk (~30 ms of work); the last ones are cut smaller (chunk_bounds)
+MIN_TAIL_CHUNK = 16          # smallest tail piece: ~2 ms of work for 0.5 s clips
 BATCH_SAMPLES = 1 << 15     # padded samples per frontend batch (~4 s at 8 kHz: its frames stay in L2 cache)
 BATCH_MAX_ITEMS = 128
-WRITE_FRAMES = 1 << 16      # frames gathered before one write to the output (16 MiB at F=64 float32)
 PART_SUFFIX = ".npys"       # journal part files: .npy records back to back (see _write_part)
 _DIE_AFTER = "PLLCLI_TEST_KILL_AFTER_CHUNKS"   # test hook: SIGKILL self after writing N parts
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
     id: str
     path: str          # resolved path
@@ -69,7 +72,8 @@ def read_manifest(src: str) -> tuple[list[Item], list[str]]:
     t = Table(src, required=["id", "path"])
     base = str(Path.cwd() if src == STDIO else Path(src).resolve().parent)
     meta_cols = [c for c in t.columns if c not in ("id", "path")]
-    isabs, join, normpath = os.path.isabs, os.path.join, os.path.normpath
+    join, normpath = os.path.join, os.path.normpath
+    isabs = (lambda p: p[:1] == "/") if os.sep == "/" and not os.altsep else os.path.isabs  # 5x cheaper on POSIX
     if t.format == "jsonl":
         rows = ((ln, [row.get(c, "") for c in t.columns]) for ln, row in t)
     else:
@@ -129,6 +133,26 @@ def duplicate_flags(items: list[Item]) -> list[Skip | None]:
             where = f"line {f.line}" if f.line else f.path
             flags.append(Skip(it.id, it.path, it.line, "duplicate_id", f"id first used at {where}"))
     return flags
+
+
+def chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) of each chunk of n items: `size` items each, except that the last 2 * size
+    or fewer are cut into shrinking pieces (a third of what is left, at least min(size,
+    MIN_TAIL_CHUNK)). With several processes taking chunks in turn, the last chunks are then
+    short, so the processes finish within a few ms of each other. Depends on n and size only:
+    a resumed run finds the same chunks whatever its --jobs."""
+    bounds, a = [], 0
+    while n - a > 2 * size:
+        bounds.append((a, a + size))
+        a += size
+    floor = min(size, MIN_TAIL_CHUNK)
+    while a < n:
+        b = a + min(n - a, max(floor, -(-(n - a) // 3)))
+        if n - b < floor and n - a <= size:  # no crumb of a last piece
+            b = n
+        bounds.append((a, b))
+        a = b
+    return bounds
 
 
 def shard_slice(n: int, shard: tuple[int, int]) -> slice:
@@ -246,11 +270,10 @@ def _take_task(counter, n: int) -> int | None:
     return i
 
 
-def _worker_loop(tasks: list[tuple], counter, conn) -> None:
+def _worker_loop(tasks: list[tuple], counter, conn, parent: int) -> None:
     """Forked worker: take tasks until none are left; send each summary (no features: the
     parent reads them from the part file), or the traceback of a failure."""
     _init_worker()
-    parent = os.getppid()
     try:
         while os.getppid() == parent:  # stop if the parent died (e.g. kill -9)
             i = _take_task(counter, len(tasks))
@@ -259,6 +282,7 @@ def _worker_loop(tasks: list[tuple], counter, conn) -> None:
             res = process_chunk(tasks[i])
             del res["block"]
             conn.send(res)
+        conn.send({"done": True})
     except BaseException:  # noqa: BLE001 - reported by the parent
         import traceback
         conn.send({"error": traceback.format_exc()})
@@ -308,28 +332,60 @@ def _write_part(parts_dir: Path, config: FeatureConfig, meta_cols: list[str], ch
     return block
 
 
-def _stack_blocks(blocks: list[tuple]) -> tuple:
-    """Consecutive add_block argument tuples -> one."""
-    if len(blocks) == 1:
-        return blocks[0]
-    ids, feats, frames, durs, paths, metas = zip(*blocks)
-    return ([x for b in ids for x in b], np.concatenate(feats), np.concatenate(frames), np.concatenate(durs),
-            [x for b in paths for x in b], {c: [x for m in metas for x in m[c]] for c in metas[0]})
-
-
 def _ustr(values) -> np.ndarray:
     a = np.asarray(list(values), dtype=str)
     return a if a.size else np.zeros(0, dtype="<U1")
 
 
+_NPY_HEADER = re.compile(rb"\{'descr': '([<>|][a-zA-Z]\d+)', 'fortran_order': False, 'shape': \(([\d, ]*)\), \}")
+
+
+def _map_records(path: Path) -> list[np.ndarray]:
+    """The .npy records of a part file as read-only arrays over one mmap of the file: no copy
+    (the parent reads back every part a worker wrote, straight from the page cache).
+    Raises ValueError for a damaged or truncated file."""
+    import mmap
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # ValueError if empty
+    out, pos, size = [], 0, len(mm)
+    while pos < size:
+        # the headers np.lib.format.write_array writes (version 1.0), parsed with a regex
+        # (numpy's own parser runs ast.literal_eval: ~4x slower); anything else goes to numpy
+        if mm[pos:pos + 8] == b"\x93NUMPY\x01\x00":
+            hlen = int.from_bytes(mm[pos + 8:pos + 10], "little")
+            m = _NPY_HEADER.match(mm[pos + 10:pos + 10 + hlen])
+        else:
+            m = None
+        if m is not None:
+            dtype = np.dtype(m.group(1).decode())
+            shape = tuple(int(x) for x in m.group(2).split(b",") if x.strip())
+            start = pos + 10 + hlen
+        else:
+            hdr = io.BytesIO(mm[pos:pos + 65536])  # a header is < 64 KiB
+            version = fmt.read_magic(hdr)
+            shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0)
+                                     else fmt.read_array_header_2_0)(hdr)
+            if fortran or dtype.hasobject:
+                raise ValueError(f"{path}: unexpected record layout")
+            start = pos + hdr.tell()
+        count = int(np.prod(shape, dtype=np.int64))
+        a = np.frombuffer(mm, dtype=dtype, count=count, offset=start)  # ValueError if truncated
+        out.append(a.reshape(shape))
+        pos = start + count * dtype.itemsize
+    return out
+
+
 def _load_part(path: Path) -> tuple[dict[str, Any], tuple] | None:
     """(info, block) of a journaled part, or None if it cannot be read (it is then redone)."""
-    read = np.lib.format.read_array
     try:
-        with open(path, "rb") as f:
-            info = json.loads(read(f, allow_pickle=False).tobytes())
-            ids, feats, frames, durs, paths = (read(f, allow_pickle=False) for _ in range(5))
-            meta = {c: read(f, allow_pickle=False) for c in info["meta_columns"]}
+        recs = _map_records(path)
+        info = json.loads(recs[0].tobytes())
+        meta_cols = info["meta_columns"]
+        if len(recs) != 6 + len(meta_cols):
+            raise ValueError(f"{path}: {len(recs)} records")
+        ids, feats, frames, durs, paths = recs[1:6]
+        meta = dict(zip(meta_cols, recs[6:]))
     except Exception:  # noqa: BLE001 - a damaged part is simply redone
         return None
     return info, (ids, feats, frames, durs, paths, meta)
@@ -340,7 +396,7 @@ def _prepare_parts_dir(parts_dir: Path, config: FeatureConfig, chunk_size: int, 
     """Create or validate OUT.parts; return (chunks already done, their part attrs)."""
     run_file = parts_dir / "run.json"
     run = {"feature_config_hash": config.hash(), "dtype": config.dtype, "chunk_size": chunk_size,
-           "meta_columns": meta_cols, "part_format": PART_SUFFIX}
+           "meta_columns": meta_cols, "part_format": PART_SUFFIX, "chunking": "tail-thirds"}
     if parts_dir.exists():
         try:
             old = json.loads(run_file.read_text())
@@ -371,61 +427,115 @@ def _prepare_parts_dir(parts_dir: Path, config: FeatureConfig, chunk_size: int, 
     return done, info
 
 
+def _fork_worker(tasks: list[tuple], counter) -> tuple[int, Any]:
+    """(pid, receiving Connection) of a forked worker running _worker_loop.
+
+    A bare os.fork, not multiprocessing.Process: the tasks reach the worker by fork either
+    way, and Process.start cost ~4 ms more in the parent while the worker has nothing to do.
+    """
+    from multiprocessing.connection import Connection
+    parent = os.getpid()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: never returns into the caller's code (no atexit, no finally)
+        code = 1
+        try:
+            os.close(r)
+            _worker_loop(tasks, counter, Connection(w, readable=False), parent)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    return pid, Connection(r, writable=False)
+
+
+def _reap(pids: list[int], kill: bool = False) -> list[int]:
+    """Wait for forked workers (SIGTERM them first if `kill`); their exit codes."""
+    codes = []
+    for pid in pids:
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        try:
+            codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        except ChildProcessError:  # already reaped
+            codes.append(0)
+    return codes
+
+
 def _run_parallel(tasks: list[tuple], jobs: int, handle: Callable[[dict], None],
-                  started: Callable[[], None] | None = None) -> None:
+                  started: Callable[[], None] | None = None, idle: Callable[[], None] | None = None) -> list[int]:
     """Run chunk tasks on the calling process plus `jobs - 1` forked workers.
 
     All processes take tasks from one shared counter, so the split balances itself (the
     parent also writes the output) and the tasks reach the workers by fork, unpickled.
     The parent hands every summary to `handle` as it comes: its own after each chunk, the
-    workers' in between.
+    workers' in between; `idle` runs once when it has only the workers' last results to
+    wait for. Returns the workers' pids: they have sent everything but may still be
+    exiting, so the caller finishes its output meanwhile and then calls `_finish_workers`.
     """
     import gc
     import multiprocessing as mp
     from multiprocessing.connection import wait
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    counter = ctx.Value("q", 0)
-    conns, procs = [], []
+    counter = mp.get_context("fork").Value("q", 0)
+    conns: dict[Any, int] = {}  # receiving end -> worker pid
+    pids: list[int] = []
     finished = False
+    sys.stdout.flush()
+    sys.stderr.flush()
     gc.freeze()  # objects inherited by the workers stay out of their GC: fewer copy-on-write pages
     try:
         for _ in range(jobs - 1):
-            recv, send = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_worker_loop, args=(tasks, counter, send), daemon=True)
-            p.start()
-            send.close()
-            conns.append(recv)
-            procs.append(p)
+            pid, conn = _fork_worker(tasks, counter)
+            conns[conn] = pid
+            pids.append(pid)
         gc.unfreeze()
         if started is not None:
             started()
 
         def take_results(timeout: float | None) -> None:
-            for c in wait(conns, timeout):
+            for c in wait(list(conns), timeout):
                 try:
                     res = c.recv()
-                except EOFError:  # the worker has finished (or died: checked at the end)
-                    conns.remove(c)
-                    continue
+                except EOFError:  # gone without its "done": it died (e.g. killed)
+                    pid = conns.pop(c)
+                    c.close()
+                    code = _reap([pid])[0]
+                    pids.remove(pid)
+                    raise RuntimeError(f"featurize worker exited with code {code}") from None
                 if "error" in res:
                     raise RuntimeError(f"featurize worker failed:\n{res['error']}")
+                if res.get("done"):
+                    conns.pop(c)
+                    c.close()
+                    continue
                 handle(res)
 
-        while (i := _take_task(counter, len(tasks))) is not None:
-            take_results(0)
+        while True:
+            take_results(0)  # write what the workers finished before taking a chunk, not while holding one
+            i = _take_task(counter, len(tasks))
+            if i is None:
+                break
             handle(process_chunk(tasks[i]))
+        if conns and idle is not None and not wait(list(conns), 0):
+            idle()  # only when there is a wait to fill
         while conns:
             take_results(None)
         finished = True
+        return pids
     finally:
         gc.unfreeze()
-        for p in procs:
-            if not finished:
-                p.terminate()
-            p.join()
-    died = [p.exitcode for p in procs if p.exitcode]
-    if died:
-        raise RuntimeError(f"featurize worker exited with code {died[0]}")
+        if not finished:
+            for c in conns:
+                c.close()
+            _reap(pids, kill=True)
+
+
+def _finish_workers(pids: list[int]) -> None:
+    """Reap workers that have sent all their results (they only exit now)."""
+    for code in _reap(pids):
+        if code:  # its results all arrived and were checked: the output is complete
+            log.warning("a featurize worker exited with code %s after finishing its tasks", code)
 
 
 def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int = 1,
@@ -459,7 +569,7 @@ def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int
         where = f"{src}:{d.line}" if d.line else d.path
         raise StrictModeError(f"{where}: duplicate id {d.id!r} ({d.detail}) and --strict is set")
 
-    chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
+    chunks = [items[a:b] for a, b in chunk_bounds(len(items), chunk_size)]
     parts_dir = out.with_name(out.name + ".parts")
     done, info = _prepare_parts_dir(parts_dir, config, chunk_size, meta_cols, chunks)
     todo = [k for k in range(len(chunks)) if k not in done]
@@ -488,9 +598,11 @@ def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int
     state = {"next": 0, "audio_total": 0.0}
     # finished chunks not yet in the output: their block, or None to read it from the part file
     ready: dict[int, tuple | None] = dict.fromkeys(done)
-    unwritten: list[tuple] = []  # blocks of the next chunks in order, written together (fewer HDF5 calls)
 
     def drain():
+        """Write the finished chunks that come next in order, at once: a write that waited to
+        be grouped with later ones would, near the end, keep the other processes waiting."""
+        blocks = []
         while state["next"] in ready:
             k = state["next"]
             block = ready.pop(k)
@@ -500,12 +612,13 @@ def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int
                     raise InputError("journaled part became unreadable during the run; rerun the command",
                                      str(_part_path(parts_dir, k)))
                 block = got[1]
-            unwritten.append(block)
+            blocks.append(block)
             state["audio_total"] += float(np.sum(block[3], dtype=np.float64))
             state["next"] += 1
-            if state["next"] == len(chunks) or sum(len(b[1]) for b in unwritten) >= WRITE_FRAMES:
-                writer.add_block(*_stack_blocks(unwritten))
-                unwritten.clear()
+            if len(blocks) == 64:  # e.g. resuming: not every part mapped at once
+                writer.add_blocks(blocks)
+                blocks.clear()
+        writer.add_blocks(blocks)
 
     bar = None
     if progress:
@@ -555,6 +668,7 @@ def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int
         writer = FeatureStoreWriter(out, config, meta_cols, attrs, tmp_dir=parts_dir)
         drain()  # chunks finished by an earlier run
 
+    workers: list = []  # forked workers that have sent everything; reaped once the output is in place
     try:
         prev = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -565,7 +679,8 @@ def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int
                     handle(process_chunk(task))
             else:
                 _warm_up(config)
-                _run_parallel(tasks, min(jobs, len(todo)), handle, started=open_output)
+                workers = _run_parallel(tasks, min(jobs, len(todo)), handle, started=open_output,
+                                        idle=lambda: writer.flush_columns())
         finally:
             torch.set_num_threads(prev)
         drain()
@@ -575,11 +690,13 @@ def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int
     except BaseException:
         if writer is not None:
             writer.abort()
+        _finish_workers(workers)
         raise
     finally:
         if bar is not None:
             bar.close()
     shutil.rmtree(parts_dir, ignore_errors=True)
+    _finish_workers(workers)
 
     wall = time.perf_counter() - t0
     n_done, audio_total, frames = writer.n, state["audio_total"], writer.rows

@@ -23,7 +23,8 @@ from pllcli.features.config import FeatureConfig
 
 FORMAT = "pllcli-features"
 FORMAT_VERSION = 1
-FEATURE_CHUNK_ROWS = 256           # HDF5 chunk of `features`: 256 frames x F (64 KiB at F=64 float32)
+FEATURE_CHUNK_ROWS = 1024          # HDF5 chunk of `features`: 1024 frames x F (256 KiB at F=64 float32)
+COLUMN_ITEMS = 1024               # the writer's per-item columns are written this many items at a time
 _CACHE_BYTES = 32 << 20            # h5py raw-data chunk cache per open handle
 _REQUIRED = ("ids", "offsets", "num_frames", "duration", "path", "features")
 
@@ -239,7 +240,9 @@ def _create_new_h5(h5py, folder: Path, prefix: str):
         path = folder / f"{prefix}{secrets.token_hex(4)}.tmp"
         umask = os.umask(0o077)
         try:
-            return path, h5py.File(path, "x")
+            # no raw-data chunk cache: the writer fills whole chunks, and flushing a cache at close
+            # cost ~4 ms in featurize's serial tail
+            return path, h5py.File(path, "x", rdcc_nbytes=0)
         except FileExistsError:
             continue
         finally:
@@ -276,6 +279,10 @@ class FeatureStoreWriter:
                               chunks=(FEATURE_CHUNK_ROWS, self.F))
         for col in self.meta_columns:
             mk(f"meta/{col}", s)
+        names = ["ids", "num_frames", "duration", "path", "offsets"] + [f"meta/{c}" for c in self.meta_columns]
+        self._ds = {name: self.f[name] for name in names + ["features"]}
+        self._cols: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        self._cols_items = 0
         self.n = 0
         self.rows = 0
         self._flush_frames = flush_frames
@@ -303,34 +310,58 @@ class FeatureStoreWriter:
     def add_block(self, ids: Sequence[str], features: np.ndarray, num_frames: np.ndarray,
                   durations: np.ndarray, paths: Sequence[str], meta: dict[str, Sequence[str]] | None = None):
         """Append many items at once: `features` (sum num_frames, F) already concatenated."""
+        self.add_blocks([(ids, features, num_frames, durations, paths, meta)])
+
+    def add_blocks(self, blocks: Sequence[tuple]) -> None:
+        """Append consecutive add_block argument tuples. Each block's features are written at
+        once, in place (no concatenated copy); the per-item columns (ids, offsets, ...) are
+        gathered and written COLUMN_ITEMS at a time (or at close): a small block then costs
+        one HDF5 write instead of ~8."""
         self.flush()
-        k = len(ids)
-        if k == 0:
+        d = self._ds["features"]
+        for ids, feats, nf, durs, paths, meta in blocks:
+            k = len(ids)
+            if not k:
+                continue
+            nf = np.asarray(nf, dtype=np.int64)
+            rows = int(nf.sum())
+            if feats.shape != (rows, self.F):
+                raise ValueError(f"features block must be ({rows}, {self.F}), got {feats.shape}")
+            if not k == len(nf) == len(durs) == len(paths):
+                raise ValueError("ids, num_frames, durations and paths of a block must have one length")
+            if rows:
+                d.resize((self.rows + rows, self.F))
+                d[self.rows:] = feats.astype(self.dtype, copy=False)
+            cols = self._cols
+            cols["ids"].append(np.asarray(ids, dtype=object))
+            cols["num_frames"].append(nf.astype(np.int32))
+            cols["duration"].append(np.asarray(durs, dtype=np.float32))
+            cols["path"].append(np.asarray(paths, dtype=object))
+            cols["offsets"].append(self.rows + np.cumsum(nf))
+            for c in self.meta_columns:
+                cols[f"meta/{c}"].append(np.asarray([str(v) for v in (meta or {}).get(c, [""] * k)], dtype=object))
+            self.n += k
+            self.rows += rows
+            self._cols_items += k
+        if self._cols_items >= COLUMN_ITEMS:
+            self.flush_columns()
+
+    def flush_columns(self) -> None:
+        """Write the per-item columns gathered so far (featurize calls it while it waits)."""
+        k = self._cols_items
+        if not k:
             return
-        f = self.f
-        nf = np.asarray(num_frames, dtype=np.int64)
-        rows = int(nf.sum())
-        if features.shape != (rows, self.F):
-            raise ValueError(f"features block must be ({rows}, {self.F}), got {features.shape}")
-        for name, vals in (("ids", np.asarray(ids, dtype=object)), ("num_frames", nf.astype(np.int32)),
-                           ("duration", np.asarray(durations, dtype=np.float32)),
-                           ("path", np.asarray(paths, dtype=object))):
-            d = f[name]
-            d.resize((self.n + k,))
-            d[self.n:] = vals
-        for c in self.meta_columns:
-            d = f[f"meta/{c}"]
-            d.resize((self.n + k,))
-            d[self.n:] = np.asarray([str(v) for v in (meta or {}).get(c, [""] * k)], dtype=object)
-        d = f["offsets"]
-        d.resize((self.n + k + 1,))
-        d[self.n + 1:] = self.rows + np.cumsum(nf)
-        d = f["features"]
-        d.resize((self.rows + rows, self.F))
-        if rows:
-            d[self.rows:] = features.astype(self.dtype, copy=False)
-        self.n += k
-        self.rows += rows
+        n0 = self.n - k
+        for name, parts in self._cols.items():
+            d = self._ds[name]
+            if name == "offsets":  # (N + 1,): offsets[i + 1] = end of item i
+                d.resize((self.n + 1,))
+                d[n0 + 1:] = np.concatenate(parts)
+            else:
+                d.resize((self.n,))
+                d[n0:] = np.concatenate(parts)
+            parts.clear()
+        self._cols_items = 0
 
     def flush(self) -> None:
         b = self._buf
@@ -353,6 +384,7 @@ class FeatureStoreWriter:
         if self.closed:
             return self.path
         self.flush()
+        self.flush_columns()
         self.f.attrs["num_items"] = self.n
         self.f.close()
         umask = os.umask(0)
