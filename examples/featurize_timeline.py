@@ -33,7 +33,8 @@ from pathlib import Path
 
 def _child(manifest: str, jobs: int, log_dir: str) -> dict:
     import torch
-    import torchaudio  # noqa: F401 - imported before the clock, as in bench_featurize.py
+    import torchaudio  # imported before the clock, as in bench_featurize.py
+    del torchaudio
     torch.set_num_threads(1)
     from pllcli.features import extract as X
     from pllcli.features import store as S
@@ -87,7 +88,7 @@ def _analyse(run: dict) -> dict:
     r["median_chunk"] = med
     r["cold_parent"] = chunks["P"][0][1] - chunks["P"][0][0] - med if chunks["P"] else 0.0
     fork = first("_fork_worker")
-    if fork:
+    if fork and chunks["W"]:  # (a tiny input may leave the worker without a chunk)
         r["pre_fork"] = fork[0]
         r["fork"] = fork[1] - fork[0]
         r["worker_first_chunk_at"] = chunks["W"][0][0]
@@ -126,7 +127,7 @@ def main() -> None:
     for _ in range(args.repeat):
         got = {}
         for jobs in (1, 2):
-            p = subprocess.run([sys.executable, __file__, "--child", str(man), str(jobs), str(work)],
+            p = subprocess.run([sys.executable, __file__, "-", "--child", str(man), str(jobs), str(work)],
                                capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
             if p.returncode:
                 raise SystemExit(p.stderr)
@@ -135,12 +136,14 @@ def main() -> None:
     rounds.sort(key=lambda g: g[1]["wall"] / g[2]["wall"])
     g = rounds[len(rounds) // 2]
     one, two = g[1], g[2]
+    if "fork" not in two:
+        raise SystemExit("the 2-job run forked no worker that took a chunk: the input is too small")
     unavoidable = two["pre_fork"] + 2 * two["fork"] + (two["worker_first_chunk_at"] - two["pre_fork"] - two["fork"]) \
         + max(0.0, two["cold_worker"])
     ceiling = 2 * one["wall"] / (one["wall"] + unavoidable)
     ms = lambda x: f"{1000 * x:7.1f} ms"  # noqa: E731
-    print(f"{len(files) * args.copies} files, median of {args.repeat} rounds (scaling per round: "
-          f"{', '.join(f'{r[1]['wall'] / r[2]['wall']:.2f}' for r in rounds)})")
+    per_round = ", ".join(f"{r[1]['wall'] / r[2]['wall']:.2f}" for r in rounds)
+    print(f"{len(files) * args.copies} files, median of {args.repeat} rounds (scaling per round: {per_round})")
     print(f"  1 job wall                                {ms(one['wall'])}   (first chunk {ms(one['cold_parent'])} "
           f"over the median {ms(one['median_chunk'])})")
     print(f"  2 jobs wall                               {ms(two['wall'])}   scaling {one['wall'] / two['wall']:.2f}x")
