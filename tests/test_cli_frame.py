@@ -2,8 +2,6 @@
 import subprocess
 import sys
 
-import pytest
-
 from pllcli import __version__
 from pllcli.cli.errors import format_error
 from pllcli.errors import InputError, UsageError
@@ -40,3 +38,30 @@ def test_help_does_not_import_torch():
             "print('torch' in sys.modules, 'h5py' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "False False", r.stderr
+
+
+def test_ctrl_c_is_exit_130_with_one_line(capsys):
+    """typer turns KeyboardInterrupt into a silent exit 130; run_app says why, and puts the
+    SIGINT handler back."""
+    import os
+    import signal
+
+    import typer
+
+    from pllcli.cli.errors import run_app
+    app = typer.Typer()
+
+    @app.command()
+    def slow():
+        os.kill(os.getpid(), signal.SIGINT)  # what a terminal's Ctrl-C delivers
+        raise AssertionError("not interrupted")
+
+    @app.command()
+    def other():
+        pass
+
+    before = signal.getsignal(signal.SIGINT)
+    assert run_app(app, ["slow"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "error: interrupted" and "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is before

@@ -223,6 +223,36 @@ def test_resume_after_kill_9(corpus):
     _same_store(out, root / "clean.h5")
 
 
+def test_ctrl_c_with_workers_keeps_the_journal_and_leaves_no_process(corpus):
+    root, man, d = corpus
+    out = root / "int.h5"
+    # "3:INT": after 3 chunks the parent sends SIGINT to its process group, as a terminal's Ctrl-C
+    env = dict(os.environ, PLLCLI_TEST_KILL_AFTER_CHUNKS="3:INT")
+    p = subprocess.run([sys.executable, "-m", "pllcli", "featurize", str(man), str(out), "--chunk-size", "1",
+                        "--jobs", "2"], env=env, capture_output=True, text=True, timeout=300,
+                       start_new_session=True)  # its own process group: the SIGINT stays inside it
+    assert p.returncode == 130, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in p.stderr
+    assert not out.exists()
+    parts = list((root / "int.h5.parts").glob("part-*.npys"))
+    assert len(parts) >= 3
+    orphans = []  # a forked worker keeps the parent's command line
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if str(out).encode() in cmd:
+            orphans.append(pid)
+    assert orphans == []
+    rep = root / "int.json"
+    assert cli("featurize", man, out, "--chunk-size", "1", "--jobs", "2", "--report", rep) == 0
+    r = json.loads(rep.read_text())
+    assert r["chunks_resumed"] == len(parts) and r["files_done"] == 8
+    assert cli("featurize", man, root / "clean.h5", "--chunk-size", "1") == 0
+    _same_store(out, root / "clean.h5")
+
+
 def test_stale_parts_are_redone(corpus):
     root, man, d = corpus
     out = root / "k.h5"

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
 
 import typer
@@ -48,8 +50,20 @@ def format_error(exc: BaseException) -> tuple[str, int]:
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
     """Run a Typer app in non-standalone mode; return the exit code."""
     command = typer.main.get_command(app)
+    interrupted: list[bool] = []
+
+    def on_sigint(signum, frame):  # typer turns Ctrl-C into a silent exit 130: note it to say so
+        interrupted.append(True)
+        raise KeyboardInterrupt
+
+    prev = None
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        prev = signal.signal(signal.SIGINT, on_sigint)
     try:
         rv = command.main(args=argv, prog_name="pllcli", standalone_mode=False)
+        if interrupted and rv == EXIT_INTERRUPTED:
+            print("error: interrupted", file=sys.stderr)
         return rv if isinstance(rv, int) else 0
     except typer.Exit as e:
         return e.exit_code
@@ -75,3 +89,6 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
         msg, code = format_error(e)
         print(f"error: {msg}", file=sys.stderr)
         return code
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGINT, prev)

@@ -40,7 +40,8 @@ MIN_TAIL_CHUNK = 16          # smallest tail piece: ~2 ms of work for 0.5 s clip
 BATCH_SAMPLES = 1 << 15     # padded samples per frontend batch (~4 s at 8 kHz: its frames stay in L2 cache)
 BATCH_MAX_ITEMS = 128
 PART_SUFFIX = ".npys"       # journal part files: .npy records back to back (see _write_part)
-_DIE_AFTER = "PLLCLI_TEST_KILL_AFTER_CHUNKS"   # test hook: SIGKILL self after writing N parts
+_DIE_AFTER = "PLLCLI_TEST_KILL_AFTER_CHUNKS"   # test hook: "N" SIGKILLs the parent after N chunks,
+#                                               "N:INT" sends SIGINT to its process group (Ctrl-C)
 
 
 @dataclass(slots=True)
@@ -628,7 +629,8 @@ def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int
                    disable=None)  # None: no bar when stderr is not a terminal
     cfgd = config.to_dict()
     tasks = [(k, chunks[k], cfgd, str(parts_dir), meta_cols) for k in todo]
-    kill_after = int(os.environ.get(_DIE_AFTER, "0") or 0)
+    kill_after, _, kill_how = (os.environ.get(_DIE_AFTER, "") or "0").partition(":")
+    kill_after = int(kill_after)
     written = 0
 
     def handle(res):
@@ -648,8 +650,11 @@ def featurize(src: str, out: str | os.PathLike, config: FeatureConfig, jobs: int
             log.warning("%s: %s (%s)", chunk[li].path, d, chunk[li].id)
         audio_run += res["audio_seconds"]
         written += 1
-        if kill_after and written >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if kill_after and written == kill_after:
+            if kill_how == "INT":  # as a terminal's Ctrl-C: the whole foreground process group
+                os.killpg(os.getpgid(0), signal.SIGINT)
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
         drain()
         if bar is not None:
             bar.update(len(chunk))
