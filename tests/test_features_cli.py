@@ -223,6 +223,38 @@ def test_resume_after_kill_9(corpus):
     _same_store(out, root / "clean.h5")
 
 
+def _processes_naming(path) -> list[str]:
+    """pids whose command line holds `path` (a forked worker keeps its parent's command line)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if str(path).encode() in cmd:
+            found.append(pid)
+    return found
+
+
+def test_kill_9_of_the_parent_stops_its_worker_and_resumes(corpus):
+    import time
+    root, man, d = corpus
+    out = root / "k2.h5"
+    env = dict(os.environ, PLLCLI_TEST_KILL_AFTER_CHUNKS="2")
+    p = subprocess.run([sys.executable, "-m", "pllcli", "-q", "featurize", str(man), str(out), "--chunk-size", "1",
+                        "--jobs", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    deadline = time.time() + 30  # the orphaned worker notices after its current chunk
+    while _processes_naming(out) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _processes_naming(out) == [] and not out.exists()
+    rep = root / "k2.json"
+    assert cli("featurize", man, out, "--chunk-size", "1", "--jobs", "2", "--report", rep) == 0
+    assert json.loads(rep.read_text())["chunks_resumed"] >= 2
+    assert cli("featurize", man, root / "clean.h5", "--chunk-size", "1") == 0
+    _same_store(out, root / "clean.h5")
+
+
 def test_ctrl_c_with_workers_keeps_the_journal_and_leaves_no_process(corpus):
     root, man, d = corpus
     out = root / "int.h5"
@@ -236,15 +268,7 @@ def test_ctrl_c_with_workers_keeps_the_journal_and_leaves_no_process(corpus):
     assert not out.exists()
     parts = list((root / "int.h5.parts").glob("part-*.npys"))
     assert len(parts) >= 3
-    orphans = []  # a forked worker keeps the parent's command line
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if str(out).encode() in cmd:
-            orphans.append(pid)
-    assert orphans == []
+    assert _processes_naming(out) == []  # no worker left behind
     rep = root / "int.json"
     assert cli("featurize", man, out, "--chunk-size", "1", "--jobs", "2", "--report", rep) == 0
     r = json.loads(rep.read_text())
