@@ -236,45 +236,50 @@ def _processes_naming(path) -> list[str]:
     return found
 
 
+def _featurize_with_hook(man, out, hook, *opts, **run_kw):
+    """`pllcli featurize MAN OUT --chunk-size 1 --jobs 2 OPTS` in a subprocess with the test
+    hook PLLCLI_TEST_KILL_AFTER_CHUNKS=hook."""
+    env = dict(os.environ, PLLCLI_TEST_KILL_AFTER_CHUNKS=hook)
+    return subprocess.run([sys.executable, "-m", "pllcli", "featurize", str(man), str(out), "--chunk-size", "1",
+                           "--jobs", "2", *opts], env=env, capture_output=True, text=True, timeout=300, **run_kw)
+
+
+def _resume_equals_clean(man, out) -> dict:
+    """Rerun into OUT (2 jobs), check it equals a clean 1-job run; the rerun's report."""
+    rep, clean = out.with_suffix(".json"), out.with_name(out.stem + "_clean.h5")
+    assert cli("featurize", man, out, "--chunk-size", "1", "--jobs", "2", "--report", rep) == 0
+    assert cli("featurize", man, clean, "--chunk-size", "1") == 0
+    _same_store(out, clean)
+    return json.loads(rep.read_text())
+
+
 def test_kill_9_of_the_parent_stops_its_worker_and_resumes(corpus):
     import time
     root, man, d = corpus
     out = root / "k2.h5"
-    env = dict(os.environ, PLLCLI_TEST_KILL_AFTER_CHUNKS="2")
-    p = subprocess.run([sys.executable, "-m", "pllcli", "-q", "featurize", str(man), str(out), "--chunk-size", "1",
-                        "--jobs", "2"], env=env, capture_output=True, text=True, timeout=300)
+    p = _featurize_with_hook(man, out, "2")
     assert p.returncode == -signal.SIGKILL, p.stderr
     deadline = time.time() + 30  # the orphaned worker notices after its current chunk
     while _processes_naming(out) and time.time() < deadline:
         time.sleep(0.05)
     assert _processes_naming(out) == [] and not out.exists()
-    rep = root / "k2.json"
-    assert cli("featurize", man, out, "--chunk-size", "1", "--jobs", "2", "--report", rep) == 0
-    assert json.loads(rep.read_text())["chunks_resumed"] >= 2
-    assert cli("featurize", man, root / "clean.h5", "--chunk-size", "1") == 0
-    _same_store(out, root / "clean.h5")
+    assert _resume_equals_clean(man, out)["chunks_resumed"] >= 2
 
 
 def test_ctrl_c_with_workers_keeps_the_journal_and_leaves_no_process(corpus):
     root, man, d = corpus
     out = root / "int.h5"
-    # "3:INT": after 3 chunks the parent sends SIGINT to its process group, as a terminal's Ctrl-C
-    env = dict(os.environ, PLLCLI_TEST_KILL_AFTER_CHUNKS="3:INT")
-    p = subprocess.run([sys.executable, "-m", "pllcli", "featurize", str(man), str(out), "--chunk-size", "1",
-                        "--jobs", "2"], env=env, capture_output=True, text=True, timeout=300,
-                       start_new_session=True)  # its own process group: the SIGINT stays inside it
+    # "3:INT": after 3 chunks the parent sends SIGINT to its process group, as a terminal's Ctrl-C;
+    # its own session keeps that SIGINT away from pytest
+    p = _featurize_with_hook(man, out, "3:INT", start_new_session=True)
     assert p.returncode == 130, p.stderr
     assert p.stderr.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in p.stderr
     assert not out.exists()
     parts = list((root / "int.h5.parts").glob("part-*.npys"))
     assert len(parts) >= 3
     assert _processes_naming(out) == []  # no worker left behind
-    rep = root / "int.json"
-    assert cli("featurize", man, out, "--chunk-size", "1", "--jobs", "2", "--report", rep) == 0
-    r = json.loads(rep.read_text())
+    r = _resume_equals_clean(man, out)
     assert r["chunks_resumed"] == len(parts) and r["files_done"] == 8
-    assert cli("featurize", man, root / "clean.h5", "--chunk-size", "1") == 0
-    _same_store(out, root / "clean.h5")
 
 
 def test_stale_parts_are_redone(corpus):
