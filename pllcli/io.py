@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -80,6 +81,27 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
         raise UsageError(f"--shard {spec}: need 0 <= I < N")
     return i, n
 
+
+
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|sec|m|min|h)?\s*$", re.I)
+_DURATION_UNITS = {"ms": 1e-3, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "": 1.0}
+
+
+def parse_duration(spec: "str | float | None", option: str = "--duration") -> "float | None":
+    """'30s', '1.5m', '500ms', '2h' or a bare number of seconds -> seconds (> 0); None -> None.
+    Errors name `option`, the flag the value came from."""
+    if spec is None:
+        return None
+    if isinstance(spec, (int, float)):
+        value = float(spec)
+    else:
+        m = _DURATION.match(str(spec))
+        if not m:
+            raise UsageError(f"{option}: cannot read {spec!r} as a duration (e.g. 2s, 1.5m, 500ms or 2)")
+        value = float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "").lower()]
+    if not value > 0:
+        raise UsageError(f"{option} must be positive, got {spec!r}")
+    return value
 
 def sha256_file(path: str | os.PathLike, limit: int | None = None) -> str:
     h = hashlib.sha256()

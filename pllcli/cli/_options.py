@@ -18,3 +18,5 @@ BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Items
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 FeatureStorePath = Annotated[Path, typer.Argument(metavar="FEATURES", help="Feature store (.h5).")]
 CheckpointPath = Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Checkpoint file (.pt).")]
+Output = Annotated[Path, typer.Option("--output", "-o", metavar="PATH", help="Output file.")]
+OutputDir = Annotated[Path, typer.Option("--output", "-o", metavar="DIR", help="Output folder.")]
