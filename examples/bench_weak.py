@@ -13,14 +13,33 @@ and strong.tsv. Runs (same network, epochs and seed everywhere):
   D  joint (0.5 / 5.0, plain batches) and tied (alternating epochs, own samplers)
   E  pseudo-strong-label student: A's WHO relabels 1 s segments of the training clips with
      soft labels (PSL), a fresh WHO is trained on the segments and scored on whole clips.
+  F  events from A: `whenwho_all_tags` (the WHEN x WHO transcription thresholded: every
+     detected event gets the clip's tags) vs `whenwho_per_event` (WHEN segments, each named by
+     the tag that A's WHO scores highest on the segment alone) vs `whenwho_peak` (one event per
+     likely tag, on the segment where WHO scores that tag highest).
+  G  class-wise CRNN (frame outputs, HnH batches) trained from the weak tags with MIL pooling
+     max / noisy-or / linear-softmax / MMM / attention (`crnn_<pooling>`).
+  H  pseudo-strong-label students of the best G row (PSDS1): `psl_frames` (a CRNN trained on the
+     weak tags plus frame targets from the teacher's frame probabilities: zeroed outside the clip's
+     tags, each tag scaled to peak at 1, then >= 0.5; --psl-targets); `psl_segments_*` (a CRNN
+     trained on 1 s segments whose soft labels are the teacher's scores of the segment, zeroed
+     outside the clip's tags, as `pseudo-label --segment 1s` + `train --segment-labels` without the
+     tag mask), scored by its own frame outputs (`_frames`) or as a clip tagger on sliding 1 s chunks every 64 ms,
+     overlap-averaged to frame scores (`_chunks`). With --psl-unlabeled (default) the teacher also
+     labels the unlabeled clips and the students train on them.
+  I  `crnn_attention_mt`: G's attention CRNN plus a mean-teacher consistency (clip + frame
+     probabilities, MSE, EMA teacher) on the unlabeled clips, DCASE task 4 baseline style;
+     `crnn_attention_mt_ema` scores the EMA teacher.
 Figures: WHO mAP / lwlrap / d' (test clips), WHEN frame AUC (any event active at a frame;
-frames of 64 ms) and clip AUC, event-based F1 (sed_eval definition, 200 ms onset collar,
-offset collar max(200 ms, 50 % of length)) of the WHEN x WHO transcription.
+frames of 64 ms) and clip AUC; for event outputs collar-based event F1 (200 ms onset collar,
+offset collar max(200 ms, 20 % of length)), segment F1 (1 s), and PSDS1 / PSDS2 (DCASE
+2021-2023 scenarios, sed_scores_eval; needs pip install 'pllcli[sed]').
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -55,9 +74,11 @@ def load(data: Path, out: Path):
     strong = read_events_tsv(data / "strong.tsv", classes=classes, durations=durations)
     Xtr, Ltr = pad_features([fs.get(c) for c in tr_ids])
     Xte, Lte = pad_features([fs.get(c) for c in te_ids])
+    un_ids = [cid for cid, s in split.items() if s == "unlabeled"]
+    Xun, Lun = pad_features([fs.get(c) for c in un_ids]) if un_ids else (Xtr[:0], Ltr[:0])
     hop = cfg.hop_length / cfg.sample_rate
     return dict(classes=classes, Xtr=Xtr, Ltr=Ltr, Ytr=Ytr, Xte=Xte, Lte=Lte, Yte=Yte, te_ids=te_ids,
-                strong=strong, hop=hop, durations=durations)
+                Xun=Xun, Lun=Lun, strong=strong, hop=hop, durations=durations)
 
 
 def who_metrics(Y, P):
@@ -80,19 +101,312 @@ def when_metrics(D, pred, hop_out):
             "when_clip_auc": float(roc_auc_score(clip_y, pred["when_clip"]))}
 
 
+DECODE = dict(median=0.192, min_duration=0.1, min_gap=0.1)  # median in seconds: 3 frames of 64 ms
+
+
+def sed_metrics(D, est, frame_scores, hop_out):
+    """Event F1 (collar), segment F1 (1 s) of `est` {id: events}; PSDS1 / PSDS2 of
+    `frame_scores` {id: (T, C)} when given and sed_scores_eval is installed."""
+    from pllcli.metrics import event_based, sed, segment_based
+    ref, _ = sed.merge_overlaps({cid: [tuple(e) for e in D["strong"].get(cid, [])] for cid in D["te_ids"]})
+    dur = {cid: D["durations"][cid] for cid in D["te_ids"]}
+    f, p, r, _ = event_based.fscore(est, ref, D["classes"], t_collar=0.2, percentage_of_length=0.2)
+    sf, *_ = segment_based.fscore(est, ref, D["classes"], time_resolution=1.0, durations=dur)
+    out = {"event_f1_micro": float(f["micro_average"]), "event_f1_macro": float(f["macro_average"]),
+           "event_precision": float(p["micro_average"]), "event_recall": float(r["micro_average"]),
+           "segment_f1_micro": float(sf["micro_average"]), "segment_f1_macro": float(sf["macro_average"])}
+    if frame_scores is not None and sed.available():
+        rep, _ = sed.psds_from_frames(frame_scores, hop_out, D["classes"], ref, dur)
+        out.update({name: r_["value"] for name, r_ in rep.items()})
+    return out
+
+
 def event_metrics(D, when, who, frame_lengths, hop_out, threshold=0.3):
-    from pllcli.metrics.event_based import fscore
-    est = {}
+    """WHEN x WHO transcription (T, C) thresholded: every event gets the clip's likely tags."""
+    est, frames = {}, {}
     for i, cid in enumerate(D["te_ids"]):
         n = int(frame_lengths[i])
-        tr = when[i, :n, None] * who[i][None, :]
-        est[cid] = [tuple(e) for e in decode_events(tr, D["classes"], hop_out, threshold, median=3,
-                                                     min_duration=0.1, min_gap=0.1,
-                                                     duration=D["durations"][cid])]
-    ref = {cid: [tuple(e) for e in D["strong"].get(cid, [])] for cid in D["te_ids"]}
-    f, p, r, _ = fscore(est, ref, D["classes"], t_collar=0.2)
-    return {"event_f1_micro": float(f["micro_average"]), "event_f1_macro": float(f["macro_average"]),
-            "event_precision": float(p["micro_average"]), "event_recall": float(r["micro_average"])}
+        frames[cid] = when[i, :n, None] * who[i][None, :]
+        est[cid] = [tuple(e) for e in decode_events(frames[cid], D["classes"], hop_out, threshold,
+                                                     duration=D["durations"][cid], **DECODE)]
+    return sed_metrics(D, est, frames, hop_out)
+
+
+def per_event_metrics(D, model, pred, hop_out, in_hop, threshold=0.5, tag_threshold=0.5) -> dict:
+    """WHEN segments named per event -> {"whenwho_per_event": each segment gets the likely tag
+    (WHO >= tag_threshold, else the top class) that WHO scores highest on the segment alone,
+    "whenwho_peak": one event per likely tag, the segment where WHO scores that tag highest}.
+    Frame scores for PSDS: WHEN(t) x WHO(segment) inside segments, WHEN(t) x WHO(clip) elsewhere."""
+    from pllcli.events import (events_at_peaks, label_segments, likely_tags, segment_frame_ranges,
+                               when_segments)
+    crops, segs_of = [], {}
+    for i, cid in enumerate(D["te_ids"]):
+        n = int(pred["frame_lengths"][i])
+        segs_of[cid] = when_segments(pred["when"][i, :n], hop_out, threshold, duration=D["durations"][cid], **DECODE)
+        crops += [D["Xte"][i, a:b].numpy() for a, b in segment_frame_ranges(segs_of[cid], in_hop, int(D["Lte"][i]))]
+    seg_who = predict_when_who(model, *pad_features(crops))["who"] if crops else None
+    best, peak, frames, k = {}, {}, {}, 0
+    for i, cid in enumerate(D["te_ids"]):
+        who, segs = pred["who"][i], segs_of[cid]
+        tags = likely_tags(who, tag_threshold)
+        sw = seg_who[k:k + len(segs)] if segs else np.zeros((0, len(who)))
+        k += len(segs)
+        best[cid] = [tuple(e) for e in label_segments(segs, sw, D["classes"], tags)]
+        n = int(pred["frame_lengths"][i])
+        when = pred["when"][i, :n, None]
+        fr, evidence = when * who[None, :], np.zeros((n, len(who)))
+        for (on, off), row in zip(segs, sw):
+            a, b = int(on / hop_out), int(np.ceil(off / hop_out))
+            fr[a:b] = when[a:b] * row[None, :]
+            evidence[a:b] = row[None, :]
+        peak[cid] = [tuple(e) for e in events_at_peaks(segs, evidence, hop_out, D["classes"], tags)]
+        frames[cid] = fr
+    return {"whenwho_per_event": sed_metrics(D, best, frames, hop_out),
+            "whenwho_peak": sed_metrics(D, peak, frames, hop_out)}
+
+
+def _crnn(D, a):
+    from pllcli.models import build_model
+    return build_model("crnn", D["Xtr"].shape[2], len(D["classes"]), width=a.width, rnn_hidden=32)
+
+
+def _pad_to(X: torch.Tensor, T: int) -> torch.Tensor:
+    """(N, T0, F) -> (N, T, F): cut or zero-pad in time."""
+    return torch.nn.functional.pad(X[:, :T], (0, 0, 0, T - min(T, X.shape[1])))
+
+
+def _weak_loss(out, Y, pooling):
+    """MIL loss of frame_logits vs clip targets Y (B, C) in [0, 1]; attention: BCE on the model's
+    attention-pooled clip logits."""
+    from pllcli.losses.mil import lengths_to_mask, mil_loss
+    if pooling == "attention":
+        return torch.nn.functional.binary_cross_entropy_with_logits(out["logits"], Y)
+    mask = lengths_to_mask(out["frame_lengths"], out["frame_logits"].shape[1])
+    return mil_loss(out["frame_logits"], Y, pooling, mask)
+
+
+def _frame_loss(out, target):
+    """BCE of frame_logits (B, T', C) vs soft frame targets (B, >= T', C) over the valid frames."""
+    from pllcli.losses.mil import lengths_to_mask
+    z = out["frame_logits"]
+    m = lengths_to_mask(out["frame_lengths"], z.shape[1]).to(z.dtype)[..., None]
+    per = torch.nn.functional.binary_cross_entropy_with_logits(z, target[:, :z.shape[1]], reduction="none")
+    return (per * m).sum() / (m.sum() * z.shape[2]).clamp_min(1.0)
+
+
+class _MeanTeacher:
+    """Mean teacher, DCASE task 4 baseline style: an EMA copy of the student; MSE consistency of
+    clip and frame probabilities on the whole batch (labelled clips + as many unlabeled ones),
+    weight ramped up as exp(-5 (1 - t)^2) over the first 30 % of the steps."""
+
+    def __init__(self, model, Xu, Lu, weight: float, decay: float, total_steps: int, seed: int):
+        import copy
+        if not len(Xu):
+            raise SystemExit("mean teacher: the corpus has no unlabeled clips "
+                             "(make_weak_corpus.py --unlabeled-fraction)")
+        self.ema = copy.deepcopy(model).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.Xu, self.Lu, self.weight, self.decay = Xu, Lu, weight, decay
+        self.ramp, self.step = max(1, int(0.3 * total_steps)), 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def batch(self, X, L):
+        """(X (B, T, F), L (B,)) with B unlabeled clips appended, padded to one length."""
+        u = torch.randint(len(self.Xu), (len(X),), generator=self.gen)
+        T = int(max(L.max(), self.Lu[u].max()))
+        return torch.cat([_pad_to(X, T), _pad_to(self.Xu[u], T)]), torch.cat([L, self.Lu[u]])
+
+    def loss(self, out, X, L):
+        from pllcli.losses.mil import lengths_to_mask
+        from pllcli.losses.semi import consistency_loss
+        with torch.no_grad():
+            t = self.ema(X, L)
+        m = lengths_to_mask(out["frame_lengths"], out["frame_logits"].shape[1])
+        c = (consistency_loss(out["logits"], t["logits"], "mse", True)
+             + consistency_loss(out["frame_logits"][m], t["frame_logits"][m], "mse", True))
+        return self.weight * math.exp(-5 * (1 - min(1.0, self.step / self.ramp)) ** 2) * c
+
+    def update(self, model):
+        from pllcli.losses.semi import ema_update
+        ema_update(self.ema, model, self.decay, self.step)
+        self.step += 1
+
+
+def fit_crnn(D, pooling, a, X=None, L=None, Y=None, frame_targets=None, mean_teacher=False):
+    """Class-wise CRNN from clip targets Y (N, C) in [0, 1] (default: the training clips' weak
+    tags) with the MIL loss of `pooling`, half-and-half batches (positive: a target >= 0.5),
+    AdamW + one-cycle. frame_targets (N, T', C): soft frame labels (pseudo-strong student), frame
+    BCE added. mean_teacher: `_MeanTeacher` on the unlabeled clips -> (student, EMA teacher)."""
+    from pllcli.sampling import HalfAndHalfSampler
+    X, L = (D["Xtr"], D["Ltr"]) if X is None else (X, L)
+    Y = torch.as_tensor(np.asarray(D["Ytr"] if Y is None else Y, dtype=np.float32))
+    torch.manual_seed(a.seed)
+    model = _crnn(D, a)
+    frames = torch.cat([X[i, :int(n)] for i, n in enumerate(L)])
+    model.encoder.norm.set_stats(frames.mean(0), frames.std(0))
+    sampler = HalfAndHalfSampler((Y >= 0.5).any(1).numpy(), a.batch_size, seed=a.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-4)
+    total = a.epochs * len(sampler)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, a.lr, total_steps=total, pct_start=0.15)
+    mt = _MeanTeacher(model, D["Xun"], D["Lun"], a.mt_weight, a.mt_decay, total, a.seed) if mean_teacher else None
+    model.train()
+    for epoch in range(a.epochs):
+        sampler.set_epoch(epoch)
+        for b in sampler:
+            b = torch.as_tensor(np.asarray(b), dtype=torch.long)
+            xb, lb = X[b, :int(L[b].max())], L[b]
+            if mt is not None:
+                xb, lb = mt.batch(xb, lb)
+            out = model(xb, lb)
+            lab = {k: out[k][:len(b)] for k in ("logits", "frame_logits", "frame_lengths")}
+            loss = _weak_loss(lab, Y[b], pooling)
+            if frame_targets is not None:
+                loss = loss + _frame_loss(lab, frame_targets[b])
+            if mt is not None:
+                loss = loss + mt.loss(out, xb, lb)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            if mt is not None:
+                mt.update(model)
+    return (model, mt.ema) if mt is not None else model
+
+
+@torch.no_grad()
+def _forward(model, X, L, batch_size: int = 64):
+    """-> clip probabilities (N, C) (the model's pooled logits) and frame probabilities [(T'_i, C)]."""
+    model.eval()
+    clip, frames = [], []
+    for s in range(0, len(X), batch_size):
+        Lb = L[s:s + batch_size]
+        out = model(X[s:s + batch_size, :int(Lb.max())], Lb)
+        clip.append(torch.sigmoid(out["logits"]).numpy())
+        fp = torch.sigmoid(out["frame_logits"]).numpy()
+        frames += [fp[j, :n] for j, n in enumerate(out["frame_lengths"].tolist())]
+    return np.concatenate(clip), frames
+
+
+def decoded_metrics(D, frames: dict, hop: float, threshold: float = 0.5) -> dict:
+    """WHO figures of the clip scores max_t frames (T, C), and the SED figures of the events
+    decoded from `frames` {test id: (T, C)} (DECODE at `threshold`)."""
+    est = {cid: [tuple(e) for e in decode_events(f, D["classes"], hop, threshold, duration=D["durations"][cid],
+                                                  **DECODE)] for cid, f in frames.items()}
+    res = who_metrics(D["Yte"], np.stack([frames[cid].max(0) for cid in D["te_ids"]]))
+    res.update(sed_metrics(D, est, frames, hop))
+    return res
+
+
+def crnn_metrics(D, model, hop_out):
+    """Figures of a CRNN's own frame outputs on the test clips."""
+    return decoded_metrics(D, dict(zip(D["te_ids"], _forward(model, D["Xte"], D["Lte"])[1])), hop_out)
+
+
+def chunk_metrics(D, model, window: int, hop_frames: int):
+    """Figures of a model used as a clip tagger on sliding chunks (`window` input frames every
+    `hop_frames`), overlap-averaged to frame scores at the input hop (`events.overlap_average`)."""
+    from pllcli.events import overlap_average, sliding_windows
+    crops, spans = [], []
+    for i in range(len(D["te_ids"])):
+        n = int(D["Lte"][i])
+        spans.append((n, sliding_windows(n, window, hop_frames)))
+        crops += [D["Xte"][i, a:b].numpy() for a, b in spans[-1][1]]
+    probs = _forward(model, *pad_features(crops))[0]
+    frames, k = {}, 0
+    for cid, (n, r) in zip(D["te_ids"], spans):
+        frames[cid] = overlap_average(probs[k:k + len(r)], r, n)
+        k += len(r)
+    return decoded_metrics(D, frames, D["hop"])
+
+
+def run_crnns(D, a, hop_out, results) -> dict:
+    """The class-wise CRNN runs (one per MIL pooling in --crnn-poolings) into `results`;
+    returns {name: model}."""
+    models = {}
+    for pooling in a.crnn_poolings:
+        name = f"crnn_{pooling}"
+        if a.only and name not in a.only:
+            continue
+        t0 = time.perf_counter()
+        models[name] = fit_crnn(D, pooling, a)
+        results[name] = {"train_seconds": round(time.perf_counter() - t0, 1),
+                         **crnn_metrics(D, models[name], hop_out)}
+        log.info("%s: %s", name, {k: round(v, 4) for k, v in results[name].items()})
+    return models
+
+
+def frame_targets(probs: np.ndarray, tags: np.ndarray | None, kind: str) -> np.ndarray:
+    """Teacher frame probabilities (T', C) -> pseudo-strong frame targets. With the clip's tags
+    (C,): zeroed outside them, and for kind "peak" / "hard" each tag's scores divided by their
+    maximum in the clip (the tag occurs somewhere); "hard": those >= 0.5. Without tags
+    (unlabeled clips): the probabilities ("raw", "peak") or probabilities >= 0.5 ("hard")."""
+    f = np.asarray(probs, np.float32)
+    if tags is not None:
+        f = f * tags[None]
+        if kind != "raw":
+            f = f / np.maximum(f.max(0, keepdims=True), 1e-6)
+    return (f >= 0.5).astype(np.float32) if kind == "hard" else f
+
+
+def psl_pool(D, teacher, with_unlabeled: bool, kind: str = "hard"):
+    """Training clips (+ the unlabeled clips) relabelled by `teacher` -> X, L, Y (N, C), frame
+    targets (N, T', C) (`frame_targets` of `kind`), n_labelled: labelled clips keep their tags as
+    Y; unlabeled clips get the teacher's clip probabilities."""
+    X, L, Y = D["Xtr"], D["Ltr"], np.asarray(D["Ytr"], np.float32)
+    frames = [frame_targets(f, Y[i], kind) for i, f in enumerate(_forward(teacher, X, L)[1])]
+    if with_unlabeled and len(D["Xun"]):
+        cu, fu = _forward(teacher, D["Xun"], D["Lun"])
+        T = max(X.shape[1], D["Xun"].shape[1])
+        X, L = torch.cat([_pad_to(X, T), _pad_to(D["Xun"], T)]), torch.cat([L, D["Lun"]])
+        Y, frames = np.concatenate([Y, cu]), frames + [frame_targets(f, None, kind) for f in fu]
+    return X, L, Y, pad_features(frames)[0], len(D["Xtr"])
+
+
+def run_students(D, a, hop_out, results, models) -> None:
+    """Pseudo-strong-label students of the best CRNN teacher, and the mean-teacher CRNN."""
+    want = lambda n: not a.only or n in a.only  # noqa: E731
+    students = ("psl_frames", "psl_segments_frames", "psl_segments_chunks")
+    if any(want(n) for n in students):
+        if not models:
+            models = {"crnn_attention": fit_crnn(D, "attention", a)}
+        name = max(models, key=lambda n: (results.get(n, {}).get("psds1", 0.0),
+                                          results.get(n, {}).get("event_f1_micro", 0.0)))
+        teacher, pooling = models[name], name[len("crnn_"):]
+        log.info("pseudo-strong teacher: %s", name)
+        X, L, Y, frame_tgt, n_lab = psl_pool(D, teacher, a.psl_unlabeled, a.psl_targets)
+        info = {"teacher": name, "pseudo_labelled_clips": int(len(X) - n_lab)}
+        if want("psl_frames"):
+            t0 = time.perf_counter()
+            student = fit_crnn(D, pooling, a, X, L, Y, frame_targets=frame_tgt)
+            results["psl_frames"] = {"train_seconds": round(time.perf_counter() - t0, 1), **info,
+                                     "targets": a.psl_targets,
+                                     **crnn_metrics(D, student, hop_out)}
+        if want("psl_segments_frames") or want("psl_segments_chunks"):
+            seg = max(1, int(round(a.psl_segment / D["hop"])))
+            Xs, Ls, owner = segment_views(X, L, seg)
+            soft = _forward(teacher, Xs, Ls)[0]
+            lab = owner < n_lab
+            soft[lab] *= Y[owner[lab]]   # a segment of a labelled clip holds only the clip's tags
+            t0 = time.perf_counter()
+            student = fit_crnn(D, pooling, a, Xs, Ls, soft)
+            seg_info = {"train_seconds": round(time.perf_counter() - t0, 1), **info, "segments": int(len(Xs)),
+                        "segment_seconds": a.psl_segment}
+            if want("psl_segments_frames"):
+                results["psl_segments_frames"] = {**seg_info, **crnn_metrics(D, student, hop_out)}
+            if want("psl_segments_chunks"):
+                results["psl_segments_chunks"] = {**seg_info, "chunk_hop_seconds": 2 * D["hop"],
+                                                  **chunk_metrics(D, student, seg, 2)}
+    if want("crnn_attention_mt") or want("crnn_attention_mt_ema"):
+        t0 = time.perf_counter()
+        student, ema = fit_crnn(D, "attention", a, mean_teacher=True)
+        sec = {"train_seconds": round(time.perf_counter() - t0, 1), "unlabeled_clips": int(len(D["Xun"]))}
+        results["crnn_attention_mt"] = {**sec, **crnn_metrics(D, student, hop_out)}
+        results["crnn_attention_mt_ema"] = {**sec, **crnn_metrics(D, ema, hop_out)}
+    for n in students + ("crnn_attention_mt", "crnn_attention_mt_ema"):
+        if n in results:
+            log.info("%s: %s", n, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[n].items()})
 
 
 def main(argv=None):
@@ -112,18 +426,27 @@ def main(argv=None):
     ap.add_argument("--base-when-pooling", default="mmm", help="WHEN loss of the base separate run")
     ap.add_argument("--base-who-sampler", default="random", help="WHO sampler of the base run: random|balanced")
     ap.add_argument("--only", nargs="*", default=None, help="run names to run (default all)")
+    ap.add_argument("--crnn-poolings", nargs="*", default=["max", "noisy_or", "linear_softmax", "mmm", "attention"],
+                    help="MIL poolings of the class-wise CRNN runs (none: skip them)")
+    ap.add_argument("--psl-segment", type=float, default=1.0, help="segment seconds of the psl_segments_* student")
+    ap.add_argument("--psl-unlabeled", action=argparse.BooleanOptionalAction, default=True,
+                    help="the pseudo-strong students also train on the teacher's labels of the unlabeled clips")
+    ap.add_argument("--mt-weight", type=float, default=2.0, help="mean-teacher consistency weight (after ramp-up)")
+    ap.add_argument("--psl-targets", choices=("raw", "peak", "hard"), default="hard",
+                    help="frame targets of psl_frames (see frame_targets)")
+    ap.add_argument("--mt-decay", type=float, default=0.99, help="mean-teacher EMA decay")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(a.threads)
     t_all = time.perf_counter()
     D = load(a.data, a.out)
     if a.mel_pool > 1:
-        for k in ("Xtr", "Xte"):
+        for k in ("Xtr", "Xte", "Xun"):
             X = D[k]
             F_ = X.shape[2] // a.mel_pool * a.mel_pool
-            D[k] = X[:, :, :F_].reshape(X.shape[0], X.shape[1], -1, a.mel_pool).mean(-1).contiguous()
+            D[k] = X[:, :, :F_].reshape(X.shape[0], X.shape[1], F_ // a.mel_pool, a.mel_pool).mean(-1).contiguous()
     if a.limit:
-        for k in ("Xtr", "Ltr", "Ytr", "Xte", "Lte", "Yte", "te_ids"):
+        for k in ("Xtr", "Ltr", "Ytr", "Xte", "Lte", "Yte", "te_ids", "Xun", "Lun"):
             D[k] = D[k][:a.limit]
     C = len(D["classes"])
     stride = 2
@@ -160,7 +483,14 @@ def main(argv=None):
     pA = run(base_name, teacher, WeakConfig(mode="separate", when_pooling=a.base_when_pooling,
                                            who_sampler=a.base_who_sampler, **base))
     if pA is not None:
-        results[base_name].update(event_metrics(D, pA["when"], pA["who"], pA["frame_lengths"], hop_out))
+        results["whenwho_all_tags"] = event_metrics(D, pA["when"], pA["who"], pA["frame_lengths"], hop_out)
+        results[base_name].update(results["whenwho_all_tags"])
+        for name, res in per_event_metrics(D, teacher, pA, hop_out, D["hop"]).items():
+            results[name] = res
+            log.info("%s: %s", name, {k: round(v, 4) for k, v in res.items()})
+    models = run_crnns(D, a, hop_out, results)
+    run_students(D, a, hop_out, results, models)
+    del models
     for pooling in ("mmm", "max", "noisy_or", "attention"):
         p = run(f"when_{pooling}_hnh", net(False), WeakConfig(mode="separate", when_pooling=pooling,
                                                                 tasks=("when",), **wbase))
@@ -192,7 +522,7 @@ def main(argv=None):
            "seed": a.seed, "frame_hop_s": hop_out, "train_clips": int(len(D["Xtr"])),
            "test_clips": int(len(D["Xte"])), "results": results,
            "wall_seconds": round(time.perf_counter() - t_all, 1)}
-    cols = ["who_mAP", "who_lwlrap", "who_dprime", "when_frame_auc", "when_clip_auc", "event_f1_micro",
+    cols = ["who_mAP", "who_dprime", "when_frame_auc", "event_f1_micro", "segment_f1_micro", "psds1", "psds2",
             "train_seconds"]
     print(f"{'run':22s} " + " ".join(f"{c:>14s}" for c in cols))
     for name, r in results.items():

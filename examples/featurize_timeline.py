@@ -37,6 +37,8 @@ def _child(manifest: str, jobs: int, log_dir: str) -> dict:
     del torchaudio
     torch.set_num_threads(1)
     from pllcli.features import extract as X
+    from pllcli.features import journal as J
+    from pllcli.features import pool as P
     from pllcli.features import store as S
     from pllcli.features.config import FeatureConfig
     main = os.getpid()
@@ -59,10 +61,10 @@ def _child(manifest: str, jobs: int, log_dir: str) -> dict:
                     events.append(ev)
         setattr(owner, name, timed)
 
-    for name in ("resolve_inputs", "_prepare_parts_dir", "_warm_up", "process_chunk", "_load_part",
-                 "_fork_worker", "_finish_workers"):
+    for name in ("resolve_inputs", "open_journal", "warm_up", "process_chunk", "load_part", "finish_workers"):
         wrap(X, name)
-    wrap(X.shutil, "rmtree")
+    wrap(P, "fork_worker")
+    wrap(J.shutil, "rmtree")
     for name in ("__init__", "add_blocks", "close"):
         wrap(S.FeatureStoreWriter, name)
     out = Path(log_dir) / "out.h5"
@@ -87,7 +89,7 @@ def _analyse(run: dict) -> dict:
     med = statistics.median(e - s for w in chunks for s, e in chunks[w][1:] if e - s > 0) if ev else 0
     r["median_chunk"] = med
     r["cold_parent"] = chunks["P"][0][1] - chunks["P"][0][0] - med if chunks["P"] else 0.0
-    fork = first("_fork_worker")
+    fork = first("fork_worker")
     if fork and chunks["W"]:  # (a tiny input may leave the worker without a chunk)
         r["pre_fork"] = fork[0]
         r["fork"] = fork[1] - fork[0]
@@ -95,7 +97,7 @@ def _analyse(run: dict) -> dict:
         r["cold_worker"] = chunks["W"][0][1] - chunks["W"][0][0] - med
         r["worker_done_at"] = chunks["W"][-1][1]
         r["tail_after_worker"] = run["wall"] - r["worker_done_at"]
-    r["readback"] = sum(e - s for w, n, s, e in ev if n == "_load_part")
+    r["readback"] = sum(e - s for w, n, s, e in ev if n == "load_part")
     r["writes"] = sum(e - s for w, n, s, e in ev if n == "add_blocks")
     r["open_output"] = sum(e - s for w, n, s, e in ev if n == "__init__")
     r["close"] = sum(e - s for w, n, s, e in ev if n == "close")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ SKIP_REASONS = {
     "no_samples": "decodes to zero samples",
     "non_finite": "contains NaN or inf samples",
     "too_many_channels": f"more than {MAX_CHANNELS} channels",
+    "not_regular": "not a regular file (a device, FIFO or socket)",
     "duplicate_id": "id already used on an earlier line",
 }
 
@@ -46,8 +48,9 @@ class Audio:
     sample_rate: int
     orig_sample_rate: int
     orig_channels: int
-    duration: float          # seconds (of the decoded source)
+    duration: float          # seconds (of the decoded samples)
     silent: bool
+    cut_from: float | None = None  # seconds the source holds when it was cut to max_seconds
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -126,10 +129,17 @@ def parse_wav(data: bytes) -> tuple[np.ndarray | None, int, int] | str | None:
 
 
 def _read_bytes(path: str | os.PathLike) -> bytes:
-    """The whole file in (usually) one read(2): ~2x cheaper than open().read() for small files."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    """The whole file in (usually) one read(2): cheaper than open().read() for small files.
+    A device, FIFO or socket is refused (AudioSkip not_regular): it could be read without end."""
+    # O_NONBLOCK: opening a FIFO does not wait for a writer (no effect on regular files)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise AudioSkip("not_regular", "not a regular file")
+        size = st.st_size
         data = os.read(fd, size + 1)
         if len(data) != size:  # grown, shrunk or not a regular file: read on to the end
             chunks = [data]
@@ -158,11 +168,39 @@ def resample(x: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
         return rs(torch.from_numpy(np.ascontiguousarray(x))[None])[0].numpy()
 
 
-def load_audio(path: str | os.PathLike, target_sr: int | None = None) -> Audio:
+def _check_rate(sr: int) -> None:
+    if not sr > 0:
+        raise AudioSkip("corrupt", f"sample rate {sr} in the header")
+
+
+def _cap(frames: int, sr: int, max_seconds: float | None) -> int:
+    """Frames to decode: all, or the first `max_seconds` worth."""
+    return frames if max_seconds is None else min(frames, max(1, int(max_seconds * sr)))
+
+
+def _soundfile_decode(blob: bytes, head: bytes, max_seconds: float | None) -> tuple[np.ndarray, int, int]:
+    """(samples (S, C) float32 capped to max_seconds, sample rate, frames in the source) via soundfile."""
+    import soundfile as sf
+    try:
+        with sf.SoundFile(io.BytesIO(blob)) as f:
+            sr, total = f.samplerate, f.frames
+            _check_rate(sr)
+            data = f.read(_cap(total, sr, max_seconds) if total > 0 else -1, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = re.sub(r"^Error opening <[^>]*>: ", "", msg)
+        if not head.startswith(_MAGIC) and ("not recognised" in msg.lower() or "unknown format" in msg.lower()):
+            raise AudioSkip("not_audio", msg[-120:]) from None
+        raise AudioSkip("corrupt", msg[-120:]) from None
+    return data, sr, max(total, len(data))
+
+
+def load_audio(path: str | os.PathLike, target_sr: int | None = None, max_seconds: float | None = None) -> Audio:
     """Decode `path`, check it, mix to mono, resample to `target_sr` (None keeps the source rate).
 
     Common WAV encodings are decoded directly from the file bytes (one read); everything
-    else goes through soundfile.
+    else goes through soundfile. A source longer than `max_seconds` is cut to its first
+    `max_seconds` (`Audio.cut_from` then holds the source's duration).
     """
     try:
         blob = _read_bytes(path)
@@ -181,23 +219,17 @@ def load_audio(path: str | os.PathLike, target_sr: int | None = None) -> Audio:
     if isinstance(lay, str):
         raise AudioSkip("truncated", lay)
     if lay is not None and lay[0] is not None:
-        dtype, scale, sr, channels, offset, frames = lay
+        dtype, scale, sr, channels, offset, total = lay
+        _check_rate(sr)
         if channels > MAX_CHANNELS:
             raise AudioSkip("too_many_channels", f"{channels} channels")
-        if frames == 0:
+        if total == 0:
             raise AudioSkip("no_samples", "0 samples")
+        frames = _cap(total, sr, max_seconds)
         data = _wav_samples(blob, dtype, scale, channels, offset, frames)
         check_finite = scale is None  # integer PCM is always finite
     else:
-        import soundfile as sf
-        try:
-            data, sr = sf.read(io.BytesIO(blob), dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            msg = re.sub(r"^Error opening <[^>]*>: ", "", msg)
-            if not head.startswith(_MAGIC) and ("not recognised" in msg.lower() or "unknown format" in msg.lower()):
-                raise AudioSkip("not_audio", msg[-120:]) from None
-            raise AudioSkip("corrupt", msg[-120:]) from None
+        data, sr, total = _soundfile_decode(blob, head, max_seconds)
         frames, channels = data.shape
         if channels > MAX_CHANNELS:
             raise AudioSkip("too_many_channels", f"{channels} channels")
@@ -210,9 +242,10 @@ def load_audio(path: str | os.PathLike, target_sr: int | None = None) -> Audio:
         raise AudioSkip("non_finite", f"{bad} NaN/inf sample(s)")
     silent = not x.any()
     duration = frames / float(sr)
+    cut_from = total / float(sr) if total > frames else None
     if target_sr is not None and sr != target_sr:
         x = resample(np.ascontiguousarray(x, dtype=np.float32), sr, target_sr)
     elif channels == 1:
         x = data.reshape(frames)  # the (frames, 1) array itself: contiguous, no copy
     return Audio(np.ascontiguousarray(x, dtype=np.float32), int(target_sr or sr), int(sr), int(channels),
-                 duration, silent)
+                 duration, silent, cut_from)

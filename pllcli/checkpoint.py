@@ -35,9 +35,31 @@ def save_checkpoint(path: str | os.PathLike, model, meta: dict, extra: dict | No
     for k, v in (extra or {}).items():
         if k in obj:
             raise ValueError(f"extra key {k!r} is reserved")
+        _check_plain(v, k)
         obj[k] = v
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(obj, tmp)
+
+
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _check_plain(obj, where: str) -> None:
+    """TypeError naming the key path of anything `torch.load(weights_only=True)` would refuse
+    (so a checkpoint that cannot be loaded is never written)."""
+    import torch
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, _PLAIN):
+                raise TypeError(f"checkpoint extra {where}: key of type {type(k).__name__} is not plain")
+            _check_plain(v, f"{where}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(obj, (torch.Tensor, torch.dtype, torch.device, torch.Size) + _PLAIN) or (
+            isinstance(obj, _PLAIN) and type(obj) not in _PLAIN):  # e.g. an Enum that subclasses str
+        raise TypeError(f"checkpoint extra {where}: a {type(obj).__module__}.{type(obj).__name__} would be "
+                        "pickled; store plain tensors, numbers, strings, lists and dicts only")
 
 
 def load_checkpoint(path: str | os.PathLike, with_extra: bool = False):
@@ -84,7 +106,11 @@ def model_from_meta(meta: dict, path: str | os.PathLike = "<checkpoint>"):
         name, n_mels, nc = cfg.pop("name"), cfg.pop("n_mels"), cfg.pop("num_classes")
     except KeyError as e:
         raise CheckpointError(f"{path}: checkpoint metadata lacks model field {e.args[0]!r}") from None
-    return build_model(name, n_mels, nc, **cfg)
+    from pllcli.errors import UsageError
+    try:
+        return build_model(name, n_mels, nc, **cfg)
+    except UsageError as e:  # unknown model name or options: a property of this file, not of the command
+        raise CheckpointError(f"{path}: cannot rebuild the checkpoint's model: {e}") from None
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu", kind: str | None = "classifier"):

@@ -43,21 +43,22 @@ class DemoResult:
 
 
 class _Runner:
-    """Runs pllcli commands in subprocesses, echoing them, timing them, failing clearly."""
+    """Runs pllcli commands in subprocesses, echoing them and timing them. Their stderr (logs,
+    per-epoch progress of train) goes straight to ours, so a long stage is never silent."""
 
-    def __init__(self, result: DemoResult, echo: bool = True):
-        self.result, self.echo = result, echo
+    def __init__(self, result: DemoResult, echo: bool = True, quiet: bool = False):
+        self.result, self.echo, self.quiet = result, echo, quiet
 
     def __call__(self, stage: str, *args) -> str:
         argv = [str(a) for a in args]
         if self.echo:
             print("$ pllcli " + " ".join(shlex.quote(a) for a in argv), file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "pllcli", "-q", *argv], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "pllcli", *(["-q"] if self.quiet else []), *argv],
+                           stdout=subprocess.PIPE, text=True)
         self.result.stages.append((stage, round(time.perf_counter() - t0, 1)))
         if r.returncode != 0:
-            last = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
-            raise PllcliError(f"demo stage '{stage}' failed (exit {r.returncode}): {last}")
+            raise PllcliError(f"demo stage '{stage}' failed (exit {r.returncode}); its error is printed above")
         return r.stdout
 
 
@@ -67,7 +68,7 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def run_demo(outdir: str | Path, size: str = "default", epochs: int | None = None,
-             seed: int = 0, echo: bool = True) -> DemoResult:
+             seed: int = 0, echo: bool = True, quiet: bool = False) -> DemoResult:
     """Build the demo corpus in OUTDIR and run the pipeline; return figures and artefact paths."""
     from pllcli.synth import DemoCorpusSpec, make_demo_corpus
 
@@ -77,7 +78,7 @@ def run_demo(outdir: str | Path, size: str = "default", epochs: int | None = Non
     epochs = epochs or default_epochs
     out = Path(outdir)
     res = DemoResult(outdir=out)
-    run = _Runner(res, echo=echo)
+    run = _Runner(res, echo=echo, quiet=quiet)
     corpus, feats, labels, runs = out / "corpus", out / "features", out / "labels", out / "runs"
     for d in (feats, labels, runs):
         d.mkdir(parents=True, exist_ok=True)
@@ -103,13 +104,13 @@ def run_demo(outdir: str | Path, size: str = "default", epochs: int | None = Non
         w.writerow(["id", "label"])
         w.writerows([(r["id"], r["label"]) for r in truth if r["split"] == "train"])
 
-    run("featurize", "featurize", corpus / "train_audio.csv", feats / "train.h5", "--overwrite")
-    run("featurize", "featurize", corpus / "test.csv", feats / "test.h5", "--overwrite")
-    run("build-candidates", "build-candidates", labels / "chat.h5", "--voice", corpus / "voice.csv",
+    run("featurize", "featurize", corpus / "train_audio.csv", "-o", feats / "train.h5", "--overwrite")
+    run("featurize", "featurize", corpus / "test.csv", "-o", feats / "test.h5", "--overwrite")
+    run("build-candidates", "build-candidates", "-o", labels / "chat.h5", "--voice", corpus / "voice.csv",
         "--chat", corpus / "chat.csv", "--next", 10, "--clean", corpus / "clean.csv",
         "--weights", "delay-prior", "--unlabeled", corpus / "unlabeled.csv",
         "--vocab", corpus / "classes.txt", "--json", labels / "chat_stats.json", "--overwrite")
-    run("build-candidates (oracle)", "build-candidates", labels / "oracle.h5",
+    run("build-candidates (oracle)", "build-candidates", "-o", labels / "oracle.h5",
         "--simulate-from", corpus / "oracle_labels.csv", "--set-size", 1, "--clean-share", 1,
         "--unlabeled", corpus / "unlabeled.csv", "--vocab", corpus / "classes.txt", "--overwrite")
 

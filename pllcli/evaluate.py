@@ -10,6 +10,8 @@ Scores
         further pairs `label_2,prob_2,...` (the CSV of `pllcli predict --top-k K`), or JSONL
         `{"id", "labels": [...], "probs": [...]}` (its JSONL); classes an item lacks get
         probability 0; an optional `rank` column is ignored.
+    - frame scores (`pllcli predict --frame-scores`, see `read_frame_scores`), alone (a clip's
+      score per class is its highest frame score) or beside a predictions file.
 
 Ground truth
     - a label store (.h5): clean labels (single-label task), tags (multi-label task), strong
@@ -19,7 +21,11 @@ Ground truth
       be scored.
     - a strong-event table `id,onset,offset,label` (seconds): clip tags are the event labels;
       every listed id must be scored. Frame / segment / event metrics need frame outputs (a
-      frame-level checkpoint) or estimated events (`estimated_events`, same layout).
+      frame-level checkpoint or frame scores) or estimated events (`estimated_events`, same
+      layout). Collar F1: onset collar `t_collar`, offset collar max(t_collar, 20 % of the event);
+      with sed_scores_eval (extra `sed`) also intersection F1 (DTC = GTC = 0.7) and, from frame
+      scores, PSDS1 / PSDS2 (`pllcli.metrics.sed`), over the classes that have truth events.
+      Overlapping truth events of one class are merged, with a warning naming the line.
     - `candidates`: a label store whose candidate sets are scored against the truth (PLL
       coverage and disambiguation accuracy), when the truth itself is a table.
 
@@ -192,13 +198,17 @@ def score_checkpoint(checkpoint, features, *, batch_size: int = 32, device: str 
         raise ConfigMismatchError(f"{features}: feature config hash {fs.config_hash} differs from the "
                                   f"checkpoint's {want}{detail}; featurize the audio with the checkpoint's config")
     from pllcli.events import frame_hop as _frame_hop
-    from pllcli.predict import score_clips
+    from pllcli.predict import nonfinite_items, score_clips
     from pllcli.training.data import InMemoryFeatures
     classes = [str(c) for c in meta["classes"]]
     task = meta.get("task", "single")
     ids = [str(i) for i in fs.ids]
     durations = np.asarray(fs.durations, dtype=np.float64)
     feats, offsets = fs.load_all()
+    bad = nonfinite_items(feats, offsets)
+    if len(bad):
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise InputError(f"features of item {ids[bad[0]]!r} contain NaN/inf{more}", str(features))
     mem = InMemoryFeatures(feats, offsets, dev)
     probs, res, _ = score_clips(model, meta, mem, fs.config, dev, batch_size, chunk, frames="optional")
     probs = probs.astype(np.float64)
@@ -230,6 +240,7 @@ class Truth:
     events: dict | None = None         # id -> [(onset, offset, label)]
     candidates: dict | None = None     # id -> frozenset of names (label store)
     universe: set | None = None        # ids the truth source knows (label store: all its ids)
+    event_lines: dict | None = None    # id -> line of each event (strong tables)
 
 
 def read_truth(path) -> Truth:
@@ -244,7 +255,7 @@ def read_truth(path) -> Truth:
             if c not in t.columns:
                 raise InputError(f"strong-event truth needs columns id,onset,offset,label; missing {c!r}",
                                  t.name, line=1, field=c)
-        events, line = {}, {}
+        events, line, event_lines = {}, {}, {}
         for ln, row in t:
             item = row["id"]
             if not item or not row["label"]:
@@ -252,10 +263,12 @@ def read_truth(path) -> Truth:
             on, off = _float(row["onset"], t.name, ln, "onset"), _float(row["offset"], t.name, ln, "offset")
             if not 0 <= on < off:
                 raise InputError(f"need 0 <= onset < offset, got {on:g}..{off:g}", t.name, line=ln, field="offset")
+            _warn_overlap(events.get(item, []), (on, off, row["label"]), item, t.name, ln)
             events.setdefault(item, []).append((on, off, row["label"]))
+            event_lines.setdefault(item, []).append(ln)
             line.setdefault(item, ln)
         labels = {i: frozenset(e[2] for e in evs) for i, evs in events.items()}
-        return Truth(p, "strong", "multi", list(events), labels, line, events=events)
+        return Truth(p, "strong", "multi", list(events), labels, line, events=events, event_lines=event_lines)
     col = "label" if "label" in t.columns else "labels" if "labels" in t.columns else None
     if col is None:
         raise InputError(f"truth needs columns id,label (or id,labels, or id,onset,offset,label); "
@@ -270,6 +283,28 @@ def read_truth(path) -> Truth:
     else:
         labels = {i: v[0] for i, v in raw.items()}
     return Truth(p, "labels", "multi" if multi else "single", list(raw), labels, line)
+
+
+def _warn_overlap(previous, event, item, name, line) -> None:
+    """Warn (file:line) when `event` overlaps an earlier event of its class in the same clip."""
+    on, off, lab = event
+    for p_on, p_off, p_lab in previous:
+        if p_lab == lab and on < p_off and p_on < off:
+            log.warning("%s:%d: event %g-%g s of %r overlaps its earlier %r event %g-%g s; the two are merged "
+                        "for scoring", name, line, on, off, item, lab, p_on, p_off)
+            return
+
+
+def _warn_outside(truth: Truth, durations: dict, items, tolerance: float = 0.05) -> None:
+    """Warn (file:line) for truth events that end after their clip (known durations only)."""
+    for i in items:
+        if i not in durations:
+            continue
+        lines = (truth.event_lines or {}).get(i) or [truth.line.get(i)] * len(truth.events.get(i, []))
+        for (on, off, lab), ln in zip(truth.events.get(i, []), lines):
+            if off > durations[i] + tolerance:
+                log.warning("%s:%s: event %g-%g s (%s) of %r lies outside the clip (duration %.3f s)",
+                            truth.path, ln if ln is not None else "-", on, off, lab, i, durations[i])
 
 
 def _truth_from_store(path) -> Truth:
@@ -309,6 +344,56 @@ def read_events_table(path) -> dict:
     return tr.events
 
 
+def read_frame_scores(path) -> tuple[list, dict, dict, dict]:
+    """Frame scores of `pllcli predict --frame-scores`: a directory of `<id>.tsv` files in the
+    sed_scores_eval layout (onset, offset, one column per class) or one table with a leading `id`
+    column. -> (classes, {id: (T, C) scores}, {id: seconds per frame}, {id: end of the last frame})."""
+    import numpy as np
+    from pllcli.io import Table
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.tsv"))
+        if not files:
+            raise InputError("no <id>.tsv frame-score files in this directory", str(path))
+        tables = [(f.stem, Table(f, required=["onset", "offset"])) for f in files]
+    else:
+        tables = [(None, Table(path, required=["id", "onset", "offset"]))]
+    classes, rows = None, {}
+    for item, t in tables:
+        cls = [c for c in t.columns if c not in ("id", "onset", "offset")]
+        if classes is None:
+            classes = cls
+        elif cls != classes:
+            raise InputError(f"class columns differ from the other files' ({', '.join(cls)} vs "
+                             f"{', '.join(classes)})", t.name, line=1)
+        for ln, row in t:
+            cid = item if item is not None else row["id"]
+            vals = [_float(row[c], t.name, ln, c) for c in ("onset", "offset", *cls)]
+            if vals[1] <= vals[0]:
+                raise InputError(f"need onset < offset, got {vals[0]:g}..{vals[1]:g}", t.name, line=ln)
+            rows.setdefault(cid, []).append(vals)
+    if not classes:
+        raise InputError("frame scores need columns onset, offset and one column per class", str(path), line=1)
+    scores, hops, ends = {}, {}, {}
+    for cid, v in rows.items():
+        a = np.asarray(v, dtype=np.float64)
+        a = a[np.argsort(a[:, 0], kind="stable")]
+        scores[cid] = a[:, 2:]
+        hops[cid] = float(np.median(a[:, 1] - a[:, 0]))
+        ends[cid] = float(a[-1, 1])
+    return classes, scores, hops, ends
+
+
+def _scores_from_frames(path) -> Scores:
+    """Scores whose clip probability per class is its highest frame score."""
+    import numpy as np
+    classes, fp, hops, ends = read_frame_scores(path)
+    ids = list(fp)
+    probs = np.stack([fp[i].max(0) for i in ids])
+    return Scores(ids=ids, classes=classes, probs=probs, frame_probs=fp, frame_hop=hops, durations=ends,
+                  source={"frame_scores": str(path)}, is_probability=bool(probs.min() >= 0 and probs.max() <= 1))
+
+
 # ---------------------------------------------------------------- evaluation
 
 @dataclass
@@ -318,6 +403,7 @@ class Result:
     task: str
     y: "object" = None          # (N,) int or (N, C) bool
     probs: "object" = None      # (N, C)
+    curves: dict | None = None  # PSD-ROC per scenario: {"psds1": (etpr, efpr), ...}
 
 
 def _check_classes(truth: Truth, classes: list) -> None:
@@ -368,17 +454,22 @@ def _align(truth: Truth, scores: Scores) -> list:
 
 
 def evaluate(truth_path, *, checkpoint=None, features=None, predictions=None, estimated_events=None,
-             candidates=None,
+             candidates=None, frame_scores=None,
              batch_size: int = 32, device: str = "cpu", threshold: float = 0.5, top_k=(2, 3, 5),
-             n_bins: int = 15, t_collar: float = 0.2, percentage_of_length: float = 0.5,
-             segment_resolution: float = 1.0, median: int = 1, chunk: float | None = None) -> Result:
-    """Compute every metric that the inputs allow; returns a Result with a JSON-ready report."""
+             n_bins: int = 15, t_collar: float = 0.2, percentage_of_length: float = 0.2,
+             segment_resolution: float = 1.0, median: "int | str" = 1, chunk: float | None = None) -> Result:
+    """Compute every metric that the inputs allow; returns a Result with a JSON-ready report.
+
+    `frame_scores`: frame scores of `pllcli predict --frame-scores` (see `read_frame_scores`),
+    instead of or beside a predictions file (without one, a clip's score is its highest frame score)."""
     import numpy as np
-    from pllcli.metrics import event_based, frame_based, multi_label, pll, segment_based, single_label
-    if predictions is not None and (checkpoint is not None or features is not None):
-        raise UsageError("give either a predictions file or a checkpoint with a feature store, not both")
-    if predictions is None and (checkpoint is None or features is None):
-        raise UsageError("need a checkpoint and a feature store (or --predictions FILE)")
+    from pllcli.metrics import multi_label, pll, single_label
+    files = predictions is not None or frame_scores is not None
+    if files and (checkpoint is not None or features is not None):
+        raise UsageError("give either a predictions / frame-scores file or a checkpoint with a feature store, "
+                         "not both")
+    if not files and (checkpoint is None or features is None):
+        raise UsageError("need a checkpoint and a feature store (or --predictions FILE / --frame-scores PATH)")
     truth = read_truth(truth_path)
     if candidates is not None:
         cs = _truth_from_store(str(candidates))
@@ -396,8 +487,10 @@ def evaluate(truth_path, *, checkpoint=None, features=None, predictions=None, es
             if extra:
                 scores.classes = scores.classes + extra
                 scores.probs = np.concatenate([scores.probs, np.zeros((len(scores.ids), len(extra)))], 1)
-    else:
+    elif frame_scores is None:
         scores = score_checkpoint(checkpoint, features, batch_size=batch_size, device=device, chunk=chunk)
+    if frame_scores is not None:
+        scores = _with_frame_scores(scores if predictions is not None else None, frame_scores, truth)
     classes = scores.classes
     task = scores.task or truth.task
     if scores.task is not None and truth.task != task:
@@ -452,44 +545,105 @@ def evaluate(truth_path, *, checkpoint=None, features=None, predictions=None, es
             report["pll"] = {"coverage": pll.candidate_coverage(cm, yt),
                              "disambiguation": pll.disambiguation_accuracy(pr, cm, yt)}
 
-    # frame / segment / event level
+    curves = None
     if truth.events is not None:
-        ref = {i: truth.events.get(i, []) for i in items}
-        est = None
-        if estimated_events is not None:
-            est_all = read_events_table(estimated_events)
-            est = {i: est_all.get(i, []) for i in items}
-        if scores.frame_probs is not None:
-            fp = {i: scores.frame_probs[i] for i in items if i in scores.frame_probs}
-            hops = {scores.frame_hop[i] for i in fp}
-            hop = float(np.median(list(hops)))
-            fauc = frame_based.auc(fp, ref, classes, hop)
-            F, P, R, _ = frame_based.fscore(fp, ref, classes, hop, threshold=threshold)
-            report["frame"] = {"hop_seconds": hop, "auc": fauc["macro"], "macro_f1": F["macro_average"],
-                               "micro_f1": F["micro_average"], "threshold": threshold,
-                               "per_class_auc": fauc["per_class"]}
-            if est is None:
-                from pllcli.events import decode_events
-                est = {i: [tuple(e) for e in decode_events(fp[i], classes, scores.frame_hop[i], threshold,
-                                                           median=median)] for i in fp}
-                report["inputs"]["estimated_events"] = f"decoded from frame outputs (threshold {threshold})"
-        elif estimated_events is not None:
-            report["inputs"]["estimated_events"] = str(estimated_events)
-        if est is not None:
-            dur = scores.durations
-            sF, sP, sR, sS = segment_based.fscore(est, ref, classes, time_resolution=segment_resolution,
-                                                  durations=dur)
-            eF, eP, eR, eS = event_based.fscore(est, ref, classes, t_collar=t_collar,
-                                                percentage_of_length=percentage_of_length)
-            report["segment"] = {"time_resolution": segment_resolution,
-                                 "macro_f1": sF["macro_average"], "micro_f1": sF["micro_average"],
-                                 "micro_precision": sP["micro_average"], "micro_recall": sR["micro_average"],
-                                 "per_class_f1": {c: sF[c] for c in classes}}
-            report["event"] = {"t_collar": t_collar, "percentage_of_length": percentage_of_length,
-                               "macro_f1": eF["macro_average"], "micro_f1": eF["micro_average"],
-                               "micro_precision": eP["micro_average"], "micro_recall": eR["micro_average"],
-                               "per_class_f1": {c: eF[c] for c in classes}}
-    return Result(report=_clean(report), classes=classes, task=task, y=y, probs=probs)
+        curves = _sed_report(report, truth, scores, items, estimated_events, threshold=threshold, median=median,
+                             t_collar=t_collar, percentage_of_length=percentage_of_length,
+                             segment_resolution=segment_resolution)
+    return Result(report=_clean(report), classes=classes, task=task, y=y, probs=probs, curves=curves)
+
+
+def _with_frame_scores(scores: "Scores | None", path, truth: Truth) -> Scores:
+    """Frame scores from `path` added to `scores` (a predictions file), or scores of their own."""
+    import numpy as np
+    fs = _scores_from_frames(path)
+    known = set(fs.classes)
+    want = set(truth.classes) if truth.classes is not None else \
+        {e[2] for evs in (truth.events or {}).values() for e in evs}
+    if scores is not None:
+        want |= set(scores.classes)
+    missing, extra = sorted(want - known), sorted(known - want) if truth.classes is not None else []
+    if missing or extra:
+        raise InputError(f"frame-score classes differ from the truth's (missing: {_examples(missing) or '-'}; "
+                         f"extra: {_examples(extra) or '-'})", str(path), line=1)
+    if scores is None:
+        return fs
+    absent = [i for i in scores.ids if i not in fs.frame_probs]
+    if absent:
+        raise InputError(f"{len(absent)} scored ids have no frame scores (e.g. {_examples(absent)})", str(path))
+    cols = [fs.classes.index(c) for c in scores.classes]
+    scores.frame_probs = {i: fs.frame_probs[i][:, cols] for i in scores.ids}
+    scores.frame_hop = {i: fs.frame_hop[i] for i in scores.ids}
+    scores.durations = {i: fs.durations[i] for i in scores.ids}
+    scores.source["frame_scores"] = str(path)
+    return scores
+
+
+def _durations(scores: Scores, items, fallback: float, *event_dicts) -> dict:
+    """Seconds per item: the clip's duration when known, else the end of its last event."""
+    known = scores.durations or {}
+    out = {}
+    for i in items:
+        ends = [float(e[1]) for d in event_dicts for e in d.get(i, [])]
+        out[i] = max(ends + [float(known[i])]) if i in known else max(ends, default=fallback)
+    return out
+
+
+def _sed_report(report: dict, truth: Truth, scores: Scores, items, estimated_events, *, threshold: float,
+                median: "int | str", t_collar: float, percentage_of_length: float, segment_resolution: float):
+    """Frame AUC / F1, segment, collar and intersection F1 and PSDS1 / PSDS2 into `report`.
+    -> PSD-ROC curves {scenario: (etpr, efpr)} (None without frame scores or sed_scores_eval)."""
+    import numpy as np
+    from pllcli.events import decode_events, median_filter, median_frames
+    from pllcli.metrics import event_based, frame_based, sed, segment_based
+    classes = scores.classes
+    ref, _ = sed.merge_overlaps({i: truth.events.get(i, []) for i in items})
+    est, fp = None, None
+    if estimated_events is not None:
+        est_all = read_events_table(estimated_events)
+        est = {i: est_all.get(i, []) for i in items}
+        report["inputs"]["estimated_events"] = str(estimated_events)
+    if scores.frame_probs is not None:
+        fp = {i: scores.frame_probs[i] for i in items if i in scores.frame_probs}
+        hop = float(np.median([scores.frame_hop[i] for i in fp]))
+        fauc = frame_based.auc(fp, ref, classes, hop)
+        F, P, R, _ = frame_based.fscore(fp, ref, classes, hop, threshold=threshold)
+        report["frame"] = {"hop_seconds": hop, "auc": fauc["macro"], "macro_f1": F["macro_average"],
+                           "micro_f1": F["micro_average"], "threshold": threshold,
+                           "per_class_auc": fauc["per_class"]}
+        if est is None:
+            est = {i: [tuple(e) for e in decode_events(fp[i], classes, scores.frame_hop[i], threshold,
+                                                       median=median)] for i in fp}
+            report["inputs"]["estimated_events"] = f"decoded from frame outputs (threshold {threshold})"
+    if est is None:
+        return None
+    _warn_outside(truth, scores.durations or {}, items)
+    dur = _durations(scores, items, segment_resolution, ref, est)
+    sF, sP, sR, _ = segment_based.fscore(est, ref, classes, time_resolution=segment_resolution, durations=dur)
+    eF, eP, eR, _ = event_based.fscore(est, ref, classes, t_collar=t_collar,
+                                       percentage_of_length=percentage_of_length)
+    report["segment"] = {"time_resolution": segment_resolution, **sed.stats_dict(sF, sP, sR, None)}
+    report["event"] = {"t_collar": t_collar, "percentage_of_length": percentage_of_length,
+                       **sed.stats_dict(eF, eP, eR, None)}
+    if not sed.available():
+        log.warning("PSDS and intersection F1 skipped: pip install 'pllcli[sed]' (sed_scores_eval)")
+        report["psds"] = "skipped: sed_scores_eval is not installed (pip install 'pllcli[sed]')"
+        return None
+    # sed_scores_eval needs truth events for every class it scores: the others are left out
+    cols = sed.scored_classes(classes, ref)
+    if len(cols) < len(classes):
+        log.info("intersection F1 / PSDS: %d class(es) without truth events left out", len(classes) - len(cols))
+    sed_classes = [classes[k] for k in cols]
+    if not sed_classes:
+        return None
+    est_df = sed.event_dataframes(sed.merge_overlaps(est)[0], dur, sed_classes)
+    report["intersection"] = {"dtc_threshold": 0.7, "gtc_threshold": 0.7, "classes": sed_classes,
+                              **sed.stats_dict(*sed.intersection_fscore(est_df, ref, 0.5))}
+    if fp is None or len(fp) < len(items):
+        return None
+    smooth = {i: median_filter(fp[i], median_frames(median, scores.frame_hop[i])) for i in items}
+    report["psds"], curves = sed.psds_from_frames(smooth, scores.frame_hop, classes, ref, dur)
+    return curves
 
 
 def _clean(obj):
@@ -538,12 +692,15 @@ def render(result: Result, console=None, max_classes: int = 30) -> None:
         add("candidate coverage", rep["pll"]["coverage"]["coverage"])
         add("mean candidate set size", rep["pll"]["coverage"]["mean_set_size"])
         add("disambiguation acc (in set)", rep["pll"]["disambiguation"]["restricted"])
-    for level in ("frame", "segment", "event"):
+    for level in ("frame", "segment", "event", "intersection"):
         if level in rep:
             if level == "frame":
                 add("frame AUC", rep[level]["auc"])
             add(f"{level} macro F1", rep[level]["macro_f1"])
             add(f"{level} micro F1", rep[level]["micro_f1"])
+    if isinstance(rep.get("psds"), dict):
+        for name, r in rep["psds"].items():
+            add(name.upper(), r["value"])
     console.print(t)
     pc = clip.get("per_class", {})
     if pc:
@@ -678,4 +835,40 @@ def make_plots(result: Result, outdir, train_log=None, max_pr_classes: int = 10)
             if ks:
                 ax.legend(fontsize=7)
         save(fig, "training_curves.png")
+    _sed_plots(result, plt, save)
     return written
+
+
+def _sed_plots(result: Result, plt, save) -> None:
+    """psd_roc.png (PSD-ROC of each PSDS scenario) and per_class_f1.png (segment / collar /
+    intersection F1 per class) when the report has them."""
+    import numpy as np
+    rep = result.report
+    if result.curves:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for name, (etpr, efpr) in result.curves.items():
+            r = rep["psds"][name]
+            ax.step(efpr, etpr, where="post", label=f"{name.upper()} {r['value']:.3f} (DTC {r['dtc_threshold']}, "
+                    f"GTC {r['gtc_threshold']}, alpha_ct {r['alpha_ct']})")
+        ax.set_xlim(0, max(r["max_efpr"] for r in rep["psds"].values()))
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("eFPR (false positives per hour)")
+        ax.set_ylabel("eTPR")
+        ax.set_title("PSD-ROC")
+        ax.legend(fontsize=7, loc="lower right")
+        save(fig, "psd_roc.png")
+    levels = [lv for lv in ("segment", "event", "intersection") if lv in rep]
+    if levels:
+        classes = list(rep[levels[0]]["per_class_f1"])
+        fig, ax = plt.subplots(figsize=(min(16, 3 + 0.4 * len(classes) * len(levels)), 4))
+        w = 0.8 / len(levels)
+        x = np.arange(len(classes))
+        for k, lv in enumerate(levels):
+            vals = [rep[lv]["per_class_f1"].get(c) or 0.0 for c in classes]
+            ax.bar(x + k * w, vals, width=w, label=f"{lv} (macro {rep[lv]['macro_f1'] or 0:.3f})")
+        ax.set_xticks(x + w * (len(levels) - 1) / 2, classes, rotation=90 if len(classes) > 12 else 0, fontsize=7)
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel("F1")
+        ax.set_title("per-class F1")
+        ax.legend(fontsize=7)
+        save(fig, "per_class_f1.png")

@@ -19,6 +19,7 @@ feature_config_hash, outputs, pllcli_version (each ONNX value is a JSON string).
 """
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import math
@@ -39,18 +40,24 @@ class ExportError(PllcliError):
     """The model (or a part of it) cannot be exported, or the exported model disagrees."""
 
 
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".jit", ".torchscript")}
+
+
 def format_from_path(path: str | os.PathLike, fmt: str | None) -> str:
+    """'onnx' or 'torchscript' from `fmt` or else the suffix; a suffix that does not fit is a UsageError."""
+    suffix = Path(path).suffix.lower()
     if fmt:
         fmt = fmt.lower()
         if fmt not in FORMATS:
             raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        if suffix not in SUFFIXES[fmt]:
+            raise UsageError(f"{Path(path).name}: a {fmt} file must end in {' or '.join(SUFFIXES[fmt])}")
         return fmt
-    suffix = Path(path).suffix.lower()
-    if suffix == ".onnx":
-        return "onnx"
-    if suffix in (".pt", ".ts", ".jit", ".torchscript"):
-        return "torchscript"
-    raise UsageError(f"cannot tell the format from {Path(path).name!r}; give --format onnx|torchscript")
+    for name, suffixes in SUFFIXES.items():
+        if suffix in suffixes:
+            return name
+    raise UsageError(f"{Path(path).name}: export writes .onnx (ONNX) or {', '.join(SUFFIXES['torchscript'])} "
+                     "(TorchScript) files; give one of those suffixes")
 
 
 # ---------------------------------------------------------------- graph pieces
@@ -229,10 +236,12 @@ def _ModelOnly(model):  # noqa: N802 - factory returning a module
 # ---------------------------------------------------------------- export
 
 def export(checkpoint: str | os.PathLike, output: str | os.PathLike, fmt: str | None = None, *,
-           frontend=None, check_frontend: bool = True) -> dict:
+           frontend=None, check_frontend: bool = True, verify=None) -> dict:
     """Export `checkpoint` to `output`; returns the metadata written (plus path and size).
 
-    `frontend` overrides the checkpoint's frontend module (used in tests).
+    `verify(tmp_path, fmt)` (e.g. a parity check) runs on the finished file before it is renamed
+    onto `output`: if it raises, nothing is left at `output`. `frontend` overrides the
+    checkpoint's frontend module (used in tests).
     """
     torch = _torch()
     from pllcli.io import atomic_path
@@ -243,6 +252,17 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, fmt: str | 
     example = torch.as_tensor(synthetic_clip(config.sample_rate))[None]
     multi = md["task"] == "multi"
     Wrapper = _make_wrapper()
+    if getattr(config, "frontend", None) == "encoder":
+        from pllcli.encoders import cached_encoder
+        enc = cached_encoder(getattr(config, "encoder_spec", None), getattr(config, "encoder", None),
+                             what=f"export {checkpoint}")
+        if fmt == "onnx":
+            _require_onnx()
+            md = export_encoder_onnx(enc, model, md, output, multi, verify)
+            return dict(md, path=str(output), format=fmt, size_bytes=Path(output).stat().st_size)
+        if enc.kind == "onnx":
+            raise ExportError("an ONNX encoder exports to ONNX only: use a .onnx output")
+        # a torchaudio encoder to TorchScript: its frontend module (enc.as_module()) is traced as any other
 
     if fmt == "onnx":
         _require_onnx()
@@ -268,14 +288,14 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, fmt: str | 
 
         with atomic_path(output, suffix=".onnx") as tmp:
             try:
-                with torch.no_grad(), _quiet():
+                with torch.no_grad(), _quiet(native=True):
                     torch.onnx.export(
                         wrapper, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
                         input_names=["waveform"], output_names=["logits", "probs"],
                         dynamic_axes={"waveform": {0: "batch", 1: "samples"},
                                       "logits": {0: "batch"}, "probs": {0: "batch"}})
             except Exception as e:  # noqa: BLE001
-                with _quiet():
+                with _quiet(native=True):
                     _attribute_failure(export_part, graph_frontend, model, example, "ONNX", e)
             import onnx
             proto = onnx.load(str(tmp))
@@ -285,6 +305,8 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, fmt: str | 
                 entry.key, entry.value = k, json.dumps(v)
             proto.producer_name = "pllcli"
             onnx.save(proto, str(tmp))
+            if verify is not None:
+                verify(tmp, fmt)
     else:
         wrapper = Wrapper(frontend, model, multi).eval()
         with atomic_path(output, suffix=".pt") as tmp:
@@ -299,22 +321,114 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, fmt: str | 
                     _attribute_failure(export_part, frontend, model, example, "TorchScript", e)
             with _quiet():
                 torch.jit.save(traced, str(tmp), _extra_files={EXTRA_FILE: json.dumps(md)})
+            if verify is not None:
+                verify(tmp, fmt)
     md = dict(md, path=str(output), format=fmt, size_bytes=Path(output).stat().st_size)
     return md
 
 
+# Warnings torch gives on every export of a working model: (category name, message regex, module regex).
+# Anything else (e.g. a tracer warning raised in pllcli's own model code) stays visible.
+_HARMLESS_WARNINGS = (
+    ("DeprecationWarning", r"You are using the legacy TorchScript-based ONNX export", r""),
+    ("DeprecationWarning", r"The feature will be removed", r"torch\."),
+    ("UserWarning", r"Exporting a model to ONNX with a batch_size other than 1", r"torch\."),
+    ("FutureWarning", r"`torch\.jit\.(trace|trace_method|save|load)` is deprecated", r""),
+    ("TracerWarning", r"Converting a tensor to a Python (boolean|integer|index|float)", r"torch\."),
+)
+# ...and lines the ONNX exporter's C++ shape inference prints on stderr itself (not Python warnings)
+_HARMLESS_NATIVE = (r"shape inference of prim::(PackPadded|PadPacked) type is missing",)
+
+
+def export_encoder_onnx(enc, model, md: dict, output, multi: bool, verify=None) -> dict:
+    """Encoder + classifier as one ONNX graph, waveform (B, S) -> logits, probs (B, C): the classifier
+    alone (features (B, T', D) -> logits, probs) composed behind the encoder by
+    `pllcli.encoders.onnx.compose_onnx` (which pads short clips in-graph as featurize does).
+    Returns the metadata written; `verify` as in `export`."""
+    import io
+
+    import onnx
+
+    from pllcli.encoders.onnx import compose_onnx
+    from pllcli.io import atomic_path
+    torch = _torch()
+    head = _make_wrapper()(torch.nn.Identity(), model, multi).eval()  # (B, T', D) -> logits, probs
+    buf = io.BytesIO()
+    example = torch.zeros(1, max(1, enc.num_frames(enc.sample_rate)), enc.dim)
+    with torch.no_grad(), _quiet(native=True):
+        torch.onnx.export(head, (example,), buf, dynamo=False, opset_version=ONNX_OPSET, input_names=["features"],
+                          output_names=["logits", "probs"],
+                          dynamic_axes={"features": {0: "batch", 1: "frames"}, "logits": {0: "batch"},
+                                        "probs": {0: "batch"}})
+    proto = compose_onnx(enc, onnx.load_from_string(buf.getvalue()), "features", opset=ONNX_OPSET)
+    md = dict(md, encoder=enc.identity(), min_samples=1)  # the graph pads short clips itself
+    del proto.metadata_props[:]
+    for k, v in md.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, json.dumps(v)
+    proto.producer_name = "pllcli"
+    with atomic_path(output, suffix=".onnx") as tmp:
+        onnx.save(proto, str(tmp))
+        if verify is not None:
+            verify(tmp, "onnx")
+    return md
+
+
 class _quiet:
-    """Silence the exporters' warnings (tracer warnings, deprecation notes)."""
+    """Filter the known-harmless exporter warnings (`_HARMLESS_WARNINGS`) inside export only; with
+    `native=True` also the C++ shape-inference lines (`_HARMLESS_NATIVE`) written to fd 2, other
+    lines pass through."""
+
+    def __init__(self, native: bool = False):
+        self.native = native
 
     def __enter__(self):
         import warnings
+        torch = _torch()
         self._cm = warnings.catch_warnings()
         self._cm.__enter__()
-        warnings.simplefilter("ignore")
+        cats = {"TracerWarning": torch.jit.TracerWarning}
+        for cat, msg, mod in _HARMLESS_WARNINGS:
+            warnings.filterwarnings("ignore", message=msg, category=cats.get(cat) or getattr(builtins, cat),
+                                    module=mod)
+        self._fd = _StderrFilter(_HARMLESS_NATIVE).__enter__() if self.native else None
         return self
 
     def __exit__(self, *exc):
+        if self._fd is not None:
+            self._fd.__exit__(*exc)
         return self._cm.__exit__(*exc)
+
+
+class _StderrFilter:
+    """Capture file descriptor 2 and write back every line that matches none of `patterns`."""
+
+    def __init__(self, patterns):
+        import re
+        self.patterns = [re.compile(p) for p in patterns]
+
+    def __enter__(self):
+        import sys
+        import tempfile
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        self._buf = tempfile.TemporaryFile()
+        os.dup2(self._buf.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        import sys
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._buf.seek(0)
+        text = self._buf.read().decode("utf-8", "replace")
+        self._buf.close()
+        kept = [ln for ln in text.splitlines(keepends=True) if not any(p.search(ln) for p in self.patterns)]
+        if kept:
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+        return False
 
 
 def _require_onnx():

@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,17 +27,104 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     A reader never sees a half-written file: either the old one or the complete new one.
     """
     path = Path(path)
+    if path.is_dir():  # else os.replace fails naming the internal temporary file
+        raise InputError("is a directory; give a file path", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.is_file():  # mkstemp makes 0600; give the mode open() would (0666 & ~umask)
+            os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def current_umask() -> int:
+    """The process umask, read from /proc/self/status where possible (os.umask can only be read
+    by setting it, which races with threads that create files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        old = os.umask(0o022)
+        os.umask(old)
+    return old
+
+
+_UMASK_LOCK = threading.Lock()
+_MAGIC = ((b"\x89HDF\r\n\x1a\n", "an HDF5 file (a feature or label store?)"),
+          (b"PK\x03\x04", "a zip archive (a checkpoint or TorchScript model?)"))
+
+
+def sniff_kind(path: str | os.PathLike) -> str:
+    """What an existing file looks like, for error messages: 'an HDF5 file ...', 'a zip archive ...',
+    'a text file' or 'a binary file'."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    if b"\0" in head:
+        return "a binary file"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not just a character cut at the 4096-byte boundary
+            return "a binary file"
+    return "a text file"
+
+
+def check_output(path: str | os.PathLike, suffixes: tuple[str, ...] | list[str] | None, *, command: str,
+                 overwrite: bool = False, own_kind=None, kind: str = "", inputs=(),
+                 allow_stdout: bool = False) -> None:
+    """Refuse an output path before any work is done (UsageError naming the path):
+
+    - a suffix not in `suffixes` (the error lists them; None = any); '-' only with `allow_stdout`;
+    - a directory, or a file that is also one of `inputs`;
+    - an existing file unless `overwrite`, or unless `own_kind(path)` says it is what the
+      command writes (`kind` names that in the message), so a feature store is never replaced
+      by a CSV by accident.
+    """
+    if str(path) == STDIO:
+        if allow_stdout:
+            return
+        raise UsageError(f"{command} cannot write its output to stdout ('-'); give a file")
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffixes is not None and suffix not in suffixes:
+        names = ", ".join(suffixes[:-1]) + (" or " if len(suffixes) > 1 else "") + suffixes[-1]
+        raise UsageError(f"{p}: {command} writes {names} files, not "
+                         + (repr(suffix) if suffix else "a file without a suffix"))
+    if p.is_dir():
+        raise UsageError(f"{p}: is a directory; give a file path")
+    if not p.exists():
+        return
+    for i in inputs:
+        if i is not None and str(i) != STDIO and Path(i).exists() and p.samefile(i):
+            raise UsageError(f"{p}: is also an input of {command}; give another output path")
+    if overwrite or (own_kind is not None and own_kind(p)):
+        return
+    what = f" and is {sniff_kind(p)}, not {kind}" if own_kind is not None else ""
+    raise UsageError(f"{p} exists{what}; pass --overwrite to replace it")
+
+
+def check_report_output(path: str | os.PathLike | None, *, command: str, overwrite: bool = False,
+                        inputs=()) -> None:
+    """`--json FILE` (or another text report): refuse an input, a directory, or an existing file that is
+    not text (a feature store, a checkpoint) unless `overwrite`; None and '-' pass."""
+    if path is None:
+        return
+    check_output(path, None, command=command, overwrite=overwrite, kind="a text report", inputs=inputs,
+                 allow_stdout=True, own_kind=lambda p: sniff_kind(p) == "a text file")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -13,96 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pllcli.errors import InputError, UsageError
-
-
-def infer(model, feats, rows=None, device="cpu", batch_size: int = 64, max_frames: int | None = None,
-          amp: bool = False, outputs=("logits",), optional=()) -> dict[str, np.ndarray]:
-    """Run `model` (eval) on store rows (sorted by length for little padding; full length unless
-    `max_frames`); returns {name: (N, ...) np.float32} in the order of `rows` for every name in
-    `outputs` (required) and in `optional` (kept when the model gives it), plus "frame_lengths"
-    (N,) with "frame_logits"."""
-    import torch
-    rows = np.arange(len(feats.num_frames)) if rows is None else np.asarray(rows, np.int64)
-    order = np.argsort(feats.num_frames[rows], kind="stable")
-    pad = getattr(getattr(getattr(model, "encoder", None), "norm", None), "mean", None)
-    pad = pad.detach().to(feats.device) if pad is not None else None
-    res: dict[str, list] = {k: [] for k in outputs}
-    frame_lens: list[np.ndarray] = []
-    was = model.training
-    model.eval()
-    dev = torch.device(device)
-    with torch.no_grad():
-        for s in range(0, len(rows), batch_size):
-            b = rows[order[s:s + batch_size]]
-            x, lens = feats.gather(b, max_frames, None, pad)
-            x, lens = x.to(dev, non_blocking=True), lens.to(dev)
-            with torch.autocast(dev.type, enabled=amp and dev.type == "cuda"):
-                out = model(x, lens)
-            if s == 0:
-                outputs = tuple(outputs) + tuple(k for k in optional if k in out and k not in outputs)
-                res.update({k: [] for k in outputs if k not in res})
-            for k in outputs:
-                if k not in out:
-                    raise UsageError(f"this model has no {k!r} output (a frame-level model such as "
-                                     f"crnn or whenwho gives frame_logits)")
-                res[k].append(out[k].float().cpu().numpy())
-            if "frame_logits" in outputs:
-                t_out, t_in = out["frame_logits"].shape[1], x.shape[1]
-                frame_lens.append(np.minimum(t_out, np.ceil(lens.cpu().numpy() * t_out / t_in)).astype(np.int64))
-    model.train(was)
-    inv = np.empty_like(order)
-    inv[order] = np.arange(len(order))
-    result = {}
-    for k, v in res.items():
-        if not v:
-            result[k] = np.zeros((0,), np.float32)
-            continue
-        if v[0].ndim == 3:  # (B, T', C): batches differ in T'; pad with a very low logit
-            t_max = max(a.shape[1] for a in v)
-            v = [np.pad(a, ((0, 0), (0, t_max - a.shape[1]), (0, 0)), constant_values=-30.0) for a in v]
-        result[k] = np.concatenate(v)[inv]
-    if frame_lens:
-        result["frame_lengths"] = np.concatenate(frame_lens)[inv]
-    return result
-
-
-def chunk_frames_for(meta: dict, feature_config, chunk: float | None) -> int:
-    """Frames per chunk for chunk-averaged scoring: `chunk` seconds if given (0 = whole clips),
-    else the checkpoint's `segment_seconds` (models trained with `train --segment-labels`)."""
-    sec = meta.get("segment_seconds") if chunk is None else chunk
-    if not sec or sec <= 0:
-        return 0
-    return max(1, int(round(float(sec) * feature_config.sample_rate / feature_config.hop_length)))
-
-
-def score_clips(model, meta: dict, mem, feature_config, device, batch_size: int = 64, chunk: float | None = None,
-                frames: str | None = None, amp: bool = False) -> tuple[np.ndarray, dict, int]:
-    """(probabilities (N, C), whole-clip outputs of `infer`, chunk frames) for every clip of `mem`.
-
-    `frames`: None (no frame outputs), "optional" (kept when the model gives them) or "required".
-    With chunk averaging (`chunk_frames_for`) the probabilities are the mean over chunks and the
-    whole clips are run only when frame outputs are wanted.
-    """
-    task = meta.get("task", "single")
-    chunk_frames = chunk_frames_for(meta, feature_config, chunk)
-    may_have_frames = getattr(model, "frame_level", True)  # a clip-level Classifier has none
-    res: dict = {}
-    if not chunk_frames or frames == "required" or (frames == "optional" and may_have_frames):
-        res = infer(model, mem, None, device, batch_size, amp=amp,
-                    outputs=("logits", "frame_logits") if frames == "required" else ("logits",),
-                    optional=("frame_logits",) if frames == "optional" else ())
-    if chunk_frames:
-        from pllcli.training.segments import chunk_probabilities
-        return chunk_probabilities(model, mem, chunk_frames, task, device, batch_size, amp), res, chunk_frames
-    return probabilities(res["logits"], task), res, 0
-
-
-def probabilities(logits: np.ndarray, task: str = "single") -> np.ndarray:
-    if task == "multi":
-        return 1.0 / (1.0 + np.exp(-logits))
-    z = logits - logits.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+from pllcli.training.inference import chunk_frames_for, infer, probabilities, score_clips  # noqa: F401
 
 
 def restrict_to_candidates(probs: np.ndarray, cand: np.ndarray, renormalize: bool = True) -> np.ndarray:
@@ -168,34 +79,91 @@ def features_for(path, meta: dict, workdir: Path, jobs: int = 1) -> tuple[Path, 
     return store, summary
 
 
+PREDICTION_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
+
+
+def is_predictions_file(path) -> bool:
+    """True for an empty file or one whose first line is a predictions header (CSV/TSV) or object."""
+    with open(path, "rb") as f:
+        first = f.readline(4096).decode("utf-8", "replace").strip()
+    if not first:
+        return True
+    if first.startswith("{"):
+        try:
+            obj = json.loads(first)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(obj, dict) and {"id", "labels", "probs"} <= set(obj)
+    return first.replace("\t", ",").startswith("id,label,prob")
+
+
+def check_predict_outputs(out, features, restrict_labels=None, overwrite: bool = False, side=()) -> None:
+    """Refuse `out` before any work: a suffix predict does not write, an input, or an existing
+    file that is not a predictions table (unless `overwrite`). `side` outputs (events, frame
+    scores) that exist as files must be text files and no input."""
+    from pllcli.io import check_output, check_report_output
+    inputs = (features, restrict_labels)
+    check_output(out, PREDICTION_SUFFIXES, command="predict", overwrite=overwrite, own_kind=is_predictions_file,
+                 kind="a predictions table", inputs=inputs, allow_stdout=True)
+    for p in side:
+        if p is not None and str(p) != "-" and Path(p).is_file():
+            check_report_output(p, command="predict", overwrite=overwrite, inputs=inputs)
+
+
+def nonfinite_items(feats: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Items (sorted indices) whose frames (sum T, F) hold a NaN or inf; `offsets` (N+1,)."""
+    bad_frames = ~np.isfinite(feats).all(1)
+    if not bad_frames.any():
+        return np.zeros(0, np.int64)
+    return np.unique(np.searchsorted(offsets, np.flatnonzero(bad_frames), side="right") - 1)
+
+
+def _drop_items(feats, offsets, bad):
+    """(feats, offsets, keep mask (N,)) without the items `bad`."""
+    keep = np.ones(len(offsets) - 1, bool)
+    keep[bad] = False
+    frames = np.repeat(keep, np.diff(offsets))
+    new_off = np.concatenate([[0], np.cumsum(np.diff(offsets)[keep])]).astype(offsets.dtype)
+    return feats[frames], new_off, keep
+
+
 def predict(checkpoint, features, out="-", top_k_n: int = 1, restrict_labels=None, device="auto",
             batch_size: int = 64, fmt: str | None = None, events: str | None = None,
             frame_scores: str | None = None, threshold: float = 0.5, median: int = 1,
-            min_duration: float = 0.0, chunk: float | None = None) -> dict:
+            min_duration: float = 0.0, chunk: float | None = None, skip_bad: bool = False,
+            overwrite: bool = False, decode: dict | None = None, json_out=None) -> dict:
     """Write top-k labels with probabilities for every item of a feature store (or of audio:
     see `features_for`); for frame-level models optionally also frame scores and thresholded
     events (id, onset, offset, label) as TSV. `chunk` seconds: average the probabilities of
     consecutive chunks (default: the checkpoint's `segment_seconds`, else whole clips; 0 = whole
-    clips)."""
+    clips). Items whose features hold NaN/inf are an InputError, or with `skip_bad` left out and
+    listed in the summary ("skipped_bad"). `json_out` (written by the caller) is only checked here,
+    with the other outputs, before any work. Event decoding: `threshold` as for
+    `events.parse_thresholds`, `median` as for `events.median_frames`; `decode` may add `low`
+    (hysteresis), `min_gap` (seconds) and `tune` = (feature store, strong labels) to pick per-class
+    thresholds there (`events.tune_thresholds`)."""
     import tempfile
 
     from pllcli.checkpoint import load_model
     from pllcli.runtime import resolve_device
     if top_k_n < 1:
         raise UsageError("--top-k must be >= 1")
+    check_predict_outputs(out, features, restrict_labels, overwrite, side=(events, frame_scores, json_out))
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, device=dev)
     with tempfile.TemporaryDirectory(prefix="pllcli-predict-") as tmp:
         store, feat_summary = features_for(features, meta, Path(tmp))
         summary = _predict_store(model, meta, checkpoint, store, features, out, top_k_n, restrict_labels, dev,
-                                 batch_size, fmt, events, frame_scores, threshold, median, min_duration, chunk)
+                                 batch_size, fmt, events, frame_scores, threshold, median, min_duration, chunk,
+                                 skip_bad, decode)
     if feat_summary is not None:
         summary["featurized"] = {k: feat_summary[k] for k in ("files_done", "files_skipped", "audio_seconds")}
     return summary
 
 
 def _predict_store(model, meta, checkpoint, store, features, out, top_k_n, restrict_labels, dev, batch_size, fmt,
-                   events, frame_scores, threshold, median, min_duration, chunk) -> dict:
+                   events, frame_scores, threshold, median, min_duration, chunk, skip_bad=False,
+                   decode=None) -> dict:
     from pllcli.checkpoint import check_feature_config
     from pllcli.training.data import InMemoryFeatures
     fs = _open_features(store)
@@ -203,57 +171,165 @@ def _predict_store(model, meta, checkpoint, store, features, out, top_k_n, restr
     classes = list(meta.get("classes") or [])
     task = meta.get("task", "single")
     feats, offsets = fs.load_all()
+    fs, feats, offsets, skipped = _without_bad_items(fs, feats, offsets, features, skip_bad)
     mem = InMemoryFeatures(feats, offsets, dev)
     want_frames = events is not None or frame_scores is not None
     probs, res, chunk_frames = score_clips(model, meta, mem, fs.config, dev, batch_size, chunk,
                                            frames="required" if want_frames else None, amp=dev.type == "cuda")
     n_events = None
     if want_frames:
+        decode = dict(decode or {})
+        if decode.get("tune") and events is not None:
+            threshold = decode["tuned"] = _tuned_thresholds(model, meta, dev, batch_size, classes, threshold,
+                                                            median, min_duration, decode)
+        if decode.get("segment_classes"):
+            decode["rows"] = _segment_class_rows(model, meta, fs, feats, offsets, res, classes, dev, batch_size,
+                                                 threshold, median, min_duration, decode)
         n_events = _write_frame_outputs(fs, classes, res["frame_logits"], res["frame_lengths"], events,
-                                        frame_scores, threshold, median, min_duration)
+                                        frame_scores, threshold, median, min_duration, decode)
     restricted = 0
     if restrict_labels is not None:
-        from pllcli.labels.store import align_ids, read_label_store
+        from pllcli.labels.store import cover_features, read_label_store
         lab = read_label_store(restrict_labels)
         if list(lab.classes) != classes:
             raise InputError(f"label store classes differ from the checkpoint's ({len(lab.classes)} vs "
                              f"{len(classes)} classes)", str(restrict_labels), field="classes")
-        lr = align_ids(fs.ids, lab.ids, what=f"label store {restrict_labels}")
+        # items missing from the label store have no candidate set: unrestricted
+        lab, lr, _ = cover_features(lab, fs.ids, f"label store {restrict_labels}")
         cand = lab.candidate_matrix(lr)
         restricted = int((cand > 0).any(1).sum())
         probs = restrict_to_candidates(probs, cand, renormalize=task != "multi")
     idx, p = top_k(probs, top_k_n)
     write_predictions(out, fs.ids, idx, p, classes, fmt)
     summary = {"items": len(fs.ids), "top_k": top_k_n, "restricted": restricted, "out": str(out)}
+    if skip_bad:
+        summary["skipped_bad"] = skipped
     if chunk_frames:
         summary["chunk_seconds"] = round(chunk_frames * fs.config.hop_length / fs.config.sample_rate, 4)
     if n_events is not None:
         summary["events"] = n_events
+        if decode.get("tuned") is not None:
+            summary["thresholds"] = dict(zip(classes, np.round(decode["tuned"], 4).tolist()))
     return summary
 
 
-def _write_frame_outputs(fs, classes, frame_logits, frame_lengths, events, frame_scores, threshold,
-                         median, min_duration) -> int:
-    """Frame probabilities (sigmoid of frame_logits) -> events TSV and/or frame-score TSV.
+def _without_bad_items(fs, feats, offsets, name, skip_bad):
+    """(store view, feats, offsets, skipped ids): items with NaN/inf features are an InputError
+    naming `name`, or with `skip_bad` dropped (a warning on stderr) from a view of `fs` that has
+    the `ids`, `durations` and `config` of the items kept."""
+    from types import SimpleNamespace
+    bad = nonfinite_items(feats, offsets)
+    if not len(bad):
+        return fs, feats, offsets, []
+    ids = fs.ids
+    if not skip_bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise InputError(f"features of item {str(ids[bad[0]])!r} contain NaN/inf{more}; "
+                         "--skip-bad leaves such items out", str(name))
+    if len(bad) == len(ids):
+        raise InputError(f"the features of every item ({len(ids)}) contain NaN/inf", str(name))
+    skipped = [str(ids[i]) for i in bad]
+    ex = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+    print(f"warning: skipped {len(skipped)} item(s) whose features contain NaN/inf: {ex}", file=sys.stderr)
+    feats, offsets, keep = _drop_items(feats, offsets, bad)
+    view = SimpleNamespace(ids=ids[keep], durations=np.asarray(fs.durations)[keep], config=fs.config)
+    return view, feats, offsets, skipped
 
-    Each item's hop is its duration over its number of valid output frames."""
-    from pllcli.events import decode_events, frame_hop, write_events_tsv, write_frame_scores_tsv
-    if not 0.0 < threshold < 1.0:
-        raise UsageError("--threshold must be in (0, 1)")
+
+def _frame_items(fs, frame_logits, frame_lengths) -> list[tuple]:
+    """(id, frame probabilities (T, C), hop, duration) per item; each item's hop is its duration
+    over its number of valid output frames."""
+    from pllcli.events import frame_hop
     probs = 1.0 / (1.0 + np.exp(-frame_logits))
     lengths = np.maximum(1, frame_lengths.astype(np.int64))
-    hops = [frame_hop(float(d), int(t)) for d, t in zip(fs.durations, lengths)]
-    rows = []
-    for i, item in enumerate(fs.ids):
-        for e in decode_events(probs[i, :lengths[i]], classes, hops[i], threshold, median=median,
-                               min_duration=min_duration, duration=float(fs.durations[i])):
-            rows.append((str(item), e.onset, e.offset, e.label))
+    return [(str(item), probs[i, :lengths[i]], frame_hop(float(fs.durations[i]), int(lengths[i])),
+             float(fs.durations[i])) for i, item in enumerate(fs.ids)]
+
+
+def _write_frame_outputs(fs, classes, frame_logits, frame_lengths, events, frame_scores, threshold,
+                         median, min_duration, decode=None) -> int:
+    """Frame probabilities (sigmoid of frame_logits) -> events TSV and/or frame scores
+    (`events.write_frame_scores`: a folder of sed_scores_eval score files, or one .tsv)."""
+    from pllcli.events import decode_items, parse_thresholds, write_events_tsv, write_frame_scores
+    decode = decode or {}
+    thr = parse_thresholds(threshold, classes)
+    low = None if decode.get("low") is None else parse_thresholds(decode["low"], classes, "--low")
+    if low is not None and (low > thr).any():
+        raise UsageError("--low must not exceed --threshold (hysteresis: on at --threshold, off below --low)")
+    items = _frame_items(fs, frame_logits, frame_lengths)
+    rows = decode.get("rows")
+    if rows is None:
+        rows = decode_items(items, classes, None, thr, low=low, median=median, min_duration=min_duration,
+                            min_gap=decode.get("min_gap") or 0.0)
     if events is not None:
         write_events_tsv(events, rows)
     if frame_scores is not None:
-        write_frame_scores_tsv(frame_scores, [(str(item), probs[i, :lengths[i]], hops[i])
-                                              for i, item in enumerate(fs.ids)], classes)
+        write_frame_scores(frame_scores, [it[:3] for it in items], classes)
     return len(rows)
+
+
+def _segment_class_rows(model, meta, fs, feats, offsets, res, classes, dev, batch_size, threshold, median,
+                        min_duration, decode) -> list[tuple]:
+    """WHEN/WHO checkpoints: events = WHEN segments, each named by the likely tag that WHO scores
+    highest on the segment's own frames (`events.label_segments`), not every tag of the clip.
+    WHEN(t) is recovered from the transcription P(t, c) = WHEN(t) WHO(c) at the top WHO class."""
+    from pllcli.events import label_segments, likely_tags, parse_thresholds, segment_frame_ranges, when_segments
+    from pllcli.training.data import InMemoryFeatures
+    if (meta.get("model") or {}).get("name") != "whenwho":
+        raise UsageError("--segment-classes needs a WHEN/WHO checkpoint (model whenwho)")
+    who = 1.0 / (1.0 + np.exp(-res["logits"]))
+    when_thr = float(np.median(parse_thresholds(threshold, classes)))
+    in_hop = fs.config.hop_length / fs.config.sample_rate
+    segs, crops = [], []
+    for i, (cid, p, hop, dur) in enumerate(_frame_items(fs, res["frame_logits"], res["frame_lengths"])):
+        top = int(np.argmax(who[i]))
+        when = np.clip(p[:, top] / max(who[i, top], 1e-6), 0.0, 1.0)
+        segs.append(when_segments(when, hop, when_thr, median=median, min_duration=min_duration,
+                                  min_gap=decode.get("min_gap") or 0.0, duration=dur))
+        clip = feats[offsets[i]:offsets[i + 1]]
+        crops += [clip[a:b] for a, b in segment_frame_ranges(segs[-1], in_hop, len(clip))]
+    seg_who = np.zeros((0, len(classes)))
+    if crops:
+        logits = infer(model, InMemoryFeatures.from_clips(crops), None, dev, batch_size)["logits"]
+        seg_who = 1.0 / (1.0 + np.exp(-logits))
+    rows, k = [], 0
+    for i, cid in enumerate(fs.ids):
+        n = len(segs[i])
+        rows += [(str(cid), e.onset, e.offset, e.label)
+                 for e in label_segments(segs[i], seg_who[k:k + n], classes, likely_tags(who[i]))]
+        k += n
+    return rows
+
+
+def _tuned_thresholds(model, meta, dev, batch_size, classes, threshold, median, min_duration, decode) -> np.ndarray:
+    """Per-class thresholds with the best event F1 on `decode["tune"]` = (feature store, strong
+    labels: a label store or an id,onset,offset,label table)."""
+    from pllcli.checkpoint import check_feature_config
+    from pllcli.events import parse_thresholds, read_events_tsv, tune_thresholds
+    from pllcli.training.data import InMemoryFeatures
+    feats_path, labels_path = decode["tune"]
+    vfs = _open_features(feats_path)
+    check_feature_config(meta, vfs.config, f"{feats_path} vs checkpoint")
+    feats, offsets = vfs.load_all()
+    vfs, feats, offsets, _ = _without_bad_items(vfs, feats, offsets, feats_path, False)
+    _, res, _ = score_clips(model, meta, InMemoryFeatures(feats, offsets, dev), vfs.config, dev, batch_size, 0,
+                            frames="required")
+    durations = dict(zip(map(str, vfs.ids), np.asarray(vfs.durations, float).tolist()))
+    if _is_hdf5(Path(labels_path)):
+        from pllcli.labels.store import read_label_store
+        lab = read_label_store(labels_path)
+        ref: dict = {}
+        for it, on, off, c in zip(lab.strong_item, lab.strong_onset, lab.strong_offset, lab.strong_label):
+            ref.setdefault(str(lab.ids[int(it)]), []).append((float(on), float(off), str(lab.classes[int(c)])))
+    else:
+        ref = read_events_tsv(labels_path, classes=classes, durations=durations)
+    if not ref:
+        raise InputError("no strong labels (events) to tune thresholds on", str(labels_path))
+    low = None if decode.get("low") is None else parse_thresholds(decode["low"], classes, "--low")
+    thr, _ = tune_thresholds(_frame_items(vfs, res["frame_logits"], res["frame_lengths"]), ref, classes,
+                             low=low, median=median, min_duration=min_duration, min_gap=decode.get("min_gap") or 0.0,
+                             default=float(np.median(parse_thresholds(threshold, classes))))
+    return thr
 
 
 def write_predictions(out, ids, idx, p, classes, fmt=None) -> None:

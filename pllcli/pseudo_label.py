@@ -24,7 +24,7 @@ features), and `merge_label_stores` joins the parts.
 from __future__ import annotations
 
 import logging
-import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -33,22 +33,6 @@ import numpy as np
 from pllcli.errors import ConfigMismatchError, InputError, UsageError
 
 log = logging.getLogger(__name__)
-
-
-def parse_duration(spec: str | float | None) -> float | None:
-    """'2s', '2', '500ms', '0.5' -> seconds; None -> None."""
-    if spec is None:
-        return None
-    if isinstance(spec, (int, float)):
-        v = float(spec)
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*", str(spec))
-        if not m:
-            raise UsageError(f"--segment must look like 2s, 500ms or 1.5, got {spec!r}")
-        v = float(m.group(1)) / (1000.0 if m.group(2) == "ms" else 1.0)
-    if v <= 0:
-        raise UsageError("--segment must be > 0")
-    return v
 
 
 def load_teachers(paths: Sequence[str | Path], device="cpu"):
@@ -148,33 +132,89 @@ def confidence_filter(p: np.ndarray, threshold: float | None = None, top_n_per_c
     return keep, p
 
 
-def _padded(feats: np.ndarray, offsets: np.ndarray, rows, spans=None):
-    import torch
-    pieces = []
-    for j, r in enumerate(rows):
-        a, b = int(offsets[r]), int(offsets[r + 1])
-        if spans is not None:
-            s, e = spans[j]
-            a, b = a + s, a + e
-        pieces.append(feats[a:b])
-    lens = np.array([len(q) for q in pieces], np.int64)
-    x = np.zeros((len(pieces), max(1, lens.max()), feats.shape[1]), np.float32)
-    for i, q in enumerate(pieces):
-        x[i, :len(q)] = q
-    return torch.from_numpy(x), torch.from_numpy(lens)
+class _Progress:
+    """Items done: a live tqdm bar on a terminal; otherwise one log line per ~10% (redirected logs
+    stay short)."""
+
+    def __init__(self, total: int, enabled: bool, desc: str = "pseudo-label"):
+        import sys
+        self.total, self.done, self.desc, self.bar, self.next_tenth = total, 0, desc, None, 1
+        self.enabled = enabled and total > 0
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled:
+            tenth = self.done * 10 // self.total
+            if tenth >= self.next_tenth:
+                log.info("%s: %d%% (%d/%d)", self.desc, 10 * tenth, self.done, self.total)
+                self.next_tenth = tenth + 1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class _Ensemble:
+    models: list
+    device: object
+    multi: bool
+    batch_size: int
+    n_classes: int
+
+    def probs(self, mem, rows: np.ndarray, progress: bool) -> np.ndarray:
+        """Mean teacher probabilities (len(rows), C) for rows of `mem` (InMemoryFeatures), batched
+        by length."""
+        order = np.argsort(mem.num_frames[rows], kind="stable")
+        out = np.zeros((len(rows), self.n_classes), np.float32)
+        bar = _Progress(len(rows), progress)
+        for s in range(0, len(order), self.batch_size):
+            pick = order[s:s + self.batch_size]
+            x, ln = mem.gather(rows[pick])
+            out[pick] = ensemble_probs(self.models, x.to(self.device), ln.to(self.device), self.multi).cpu().numpy()
+            bar.update(len(pick))
+        bar.close()
+        return out
+
+
+def _restriction(data, labels, restrict, fs_ids, frows):
+    """(cand (n, C), has_cand (n,)) for the feature rows `frows`, from the label store `restrict`
+    (True = the input label store); (None, None) without restriction."""
+    if restrict is None or restrict is False:
+        return None, None
+    from pllcli.labels.store import align_ids, read_label_store
+    if restrict is True or Path(restrict) == Path(labels):
+        src = data
+    else:
+        if not Path(restrict).exists():
+            raise InputError("no such file", str(restrict), field="--restrict-candidates")
+        src = read_label_store(restrict)
+        if [str(c) for c in src.classes] != [str(c) for c in data.classes]:
+            raise ConfigMismatchError(f"--restrict-candidates {restrict} has other classes than {labels}")
+    rows = align_ids(fs_ids[frows], src.ids, allow_missing=True, what=f"label store {restrict}")
+    safe = np.maximum(rows, 0)
+    has = (np.diff(src.candidates_indptr)[safe] > 0) & (rows >= 0)
+    return src.candidate_matrix(safe) * has[:, None], has
 
 
 def pseudo_label(features: str | Path, teachers: Sequence[str | Path], labels: str | Path, out: str | Path, *,
-                 restrict_candidates: bool = False, threshold: float | None = None,
+                 restrict_candidates: "bool | str | Path | None" = None, threshold: float | None = None,
                  top_n_per_class: int | None = None, temperature: float = 1.0, segment: float | None = None,
                  shard: tuple[int, int] = (0, 1), only_unlabeled: bool = False, batch_size: int = 64,
-                 device: str = "cpu", progress: bool = False) -> dict:
-    """Write soft labels for the items of `features` into a copy of `labels` at `out`; return a summary."""
+                 device: str = "auto", progress: bool = False) -> dict:
+    """Write soft labels for the items of `features` into a copy of `labels` at `out`; return a summary.
+    `restrict_candidates`: a label store path whose candidate sets restrict each item (True = `labels`)."""
     from pllcli.checkpoint import check_feature_config
     from pllcli.features.store import FeatureStore
     from pllcli.io import provenance
     from pllcli.labels.store import align_ids, read_label_store, write_label_store
     from pllcli.runtime import resolve_device
+    from pllcli.training.data import InMemoryFeatures
 
     if temperature <= 0:
         raise UsageError("--temperature must be > 0")
@@ -203,34 +243,17 @@ def pseudo_label(features: str | Path, teachers: Sequence[str | Path], labels: s
     if only_unlabeled:
         frows = frows[data.unlabeled[lrow[frows]]]
     feats, offsets = fs.load_all()
-    nf = np.diff(offsets)
-    hop_s = fs.config.hop_length / fs.config.sample_rate
-    cand_all = data.candidate_matrix(lrow[frows]) if restrict_candidates else None
-    has_cand = (np.diff(data.candidates_indptr)[lrow[frows]] > 0) if restrict_candidates else None
+    cand_all, has_cand = _restriction(data, labels, restrict_candidates, np.asarray(fs.ids), frows)
     for m in models:
         m.eval()
 
-    it_progress = None
-    if progress:
-        try:
-            from tqdm import tqdm
-            it_progress = tqdm(total=len(frows), desc="pseudo-label", leave=False,
-                               file=__import__("sys").stderr)
-        except ImportError:  # pragma: no cover
-            it_progress = None
-
     summary = {"items": int(len(frows)), "teachers": [str(t) for t in teachers], "shard": f"{i}/{n}",
                "task": "multi" if multi else "single"}
+    ens = _Ensemble(models, dev, multi, batch_size, len(t_classes))
+    post = dict(temperature=temperature, multi_label=multi)
     if segment is None:
-        order = frows[np.argsort(nf[frows], kind="stable")]
-        probs = np.zeros((len(fs), len(t_classes)), np.float32)
-        for s in range(0, len(order), batch_size):
-            rows = order[s:s + batch_size]
-            x, ln = _padded(feats, offsets, rows)
-            probs[rows] = ensemble_probs(models, x.to(dev), ln.to(dev), multi).cpu().numpy()
-            if it_progress is not None:
-                it_progress.update(len(rows))
-        p = postprocess(probs[frows], cand=cand_all, has_cand=has_cand, temperature=temperature, multi_label=multi)
+        probs = ens.probs(InMemoryFeatures(feats, offsets), frows, progress)
+        p = postprocess(probs, cand=cand_all, has_cand=has_cand, **post)
         keep, p = confidence_filter(p, threshold, top_n_per_class, multi)
         data.set_soft(lrow[frows[keep]], p[keep])
         summary.update({"soft_labels": int(keep.sum()), "filtered_out": int((~keep).sum()),
@@ -238,52 +261,22 @@ def pseudo_label(features: str | Path, teachers: Sequence[str | Path], labels: s
                         "mean_max_prob_kept": float(p[keep].max(1).mean()) if keep.any() else None,
                         "mean_max_prob_all": float(p.max(1).mean()) if len(p) else None})
     else:
-        seg_frames = max(1, int(round(segment / hop_s)))
-        longest = int(nf[frows].max()) if len(frows) else 0
-        if len(frows) and seg_frames > longest:
-            raise UsageError(f"--segment {segment:g}s is longer than the clips (longest {longest * hop_s:.2f}s); "
-                             f"use a shorter segment")
-        short = int((nf[frows] < seg_frames).sum())
-        if short:
-            log.warning("%d clips are shorter than the %gs segment; each becomes one segment", short, segment)
-        chunks = []  # (feature row, start frame, end frame)
-        for r in frows:
-            t = int(nf[r])
-            for a in range(0, max(t, 1), seg_frames):
-                chunks.append((int(r), a, min(t, a + seg_frames)))
-        chunks.sort(key=lambda c: c[2] - c[1])
-        cp = np.zeros((len(chunks), len(t_classes)), np.float32)
-        for s in range(0, len(chunks), batch_size):
-            part = chunks[s:s + batch_size]
-            x, ln = _padded(feats, offsets, [c[0] for c in part], [(c[1], c[2]) for c in part])
-            cp[s:s + len(part)] = ensemble_probs(models, x.to(dev), ln.to(dev), multi).cpu().numpy()
-        pos = {r: k for k, r in enumerate(frows)}
-        crow = np.array([pos[c[0]] for c in chunks], np.int64)
+        cp, chunks = _segment_probs(ens, feats, offsets, fs.config, frows, segment, progress)
+        crow = np.searchsorted(frows, chunks[0])  # frows is sorted: each chunk's row among them
         cc = cand_all[crow] if cand_all is not None else None
         hc = has_cand[crow] if has_cand is not None else None
-        cp = postprocess(cp, cand=cc, has_cand=hc, temperature=temperature, multi_label=multi)
+        cp = postprocess(cp, cand=cc, has_cand=hc, **post)
         keep, cp = confidence_filter(cp, threshold, top_n_per_class, multi)
-        per_item: dict[int, list] = {}
-        for k, (r, a, b) in enumerate(chunks):
-            if keep[k]:
-                per_item.setdefault(r, []).append((a * hop_s, b * hop_s, cp[k]))
-        rows_out, segs = [], []
-        for r, lst in per_item.items():
-            lst.sort(key=lambda e: e[0])
-            rows_out.append(lrow[r])
-            segs.append((np.array([e[0] for e in lst]), np.array([e[1] for e in lst]), np.stack([e[2] for e in lst])))
-        data.set_segments(np.asarray(rows_out, np.int64), segs)
-        summary.update({"segment_seconds": segment, "segments": int(keep.sum()), "filtered_out": int((~keep).sum()),
-                        "items_with_segments": len(rows_out)})
-    if it_progress is not None:
-        it_progress.close()
+        summary.update(_set_segments(data, lrow, chunks, cp, keep, fs.config))
+        summary["segment_seconds"] = segment
     if n > 1:
         keep_rows = lrow[frows] if not only_unlabeled else lrow[np.array_split(np.arange(len(fs)), n)[i]]
         if i == 0:
             without = np.setdiff1d(np.arange(len(data)), lrow)
             keep_rows = np.concatenate([keep_rows, without])
         data = data.subset(np.sort(keep_rows))
-    params = {"restrict_candidates": restrict_candidates, "threshold": threshold,
+    params = {"restrict_candidates": None if restrict_candidates in (None, False) else
+              str(labels if restrict_candidates is True else restrict_candidates), "threshold": threshold,
               "top_n_per_class": top_n_per_class, "temperature": temperature, "segment": segment,
               "shard": f"{i}/{n}", "only_unlabeled": only_unlabeled, "teacher_classes": len(t_classes)}
     prov = provenance(inputs={"features": features, "labels": labels,
@@ -291,3 +284,40 @@ def pseudo_label(features: str | Path, teachers: Sequence[str | Path], labels: s
     write_label_store(out, data, prov)
     summary["output"] = str(out)
     return summary
+
+
+def _segment_probs(ens: _Ensemble, feats, offsets, config, frows, segment: float, progress: bool):
+    """PSL: ensemble probabilities (S, C) of consecutive `segment`-second chunks of the clips of
+    `frows`, and the chunks (feature row (S,), start frame (S,), frames (S,))."""
+    from pllcli.training.data import InMemoryFeatures
+    nf = np.diff(offsets)
+    hop_s = config.hop_length / config.sample_rate
+    seg_frames = max(1, int(round(segment / hop_s)))
+    longest = int(nf[frows].max()) if len(frows) else 0
+    if len(frows) and seg_frames > longest:
+        raise UsageError(f"--segment {segment:g}s is longer than the clips (longest {longest * hop_s:.2f}s); "
+                         f"use a shorter segment")
+    short = int((nf[frows] < seg_frames).sum())
+    if short:
+        log.warning("%d clips are shorter than the %gs segment; each becomes one segment", short, segment)
+    # the chunks of every clip partition the frames, so their bounds serve as a store's offsets
+    per_clip = np.maximum(1, -(-nf // seg_frames))
+    owner = np.repeat(np.arange(len(nf)), per_clip)
+    starts = (np.arange(len(owner)) - np.repeat(np.cumsum(per_clip) - per_clip, per_clip)) * seg_frames
+    ends = np.minimum(starts + seg_frames, nf[owner])
+    mem = InMemoryFeatures(feats, np.concatenate([[0], offsets[owner] + ends]).astype(np.int64))
+    mine = np.flatnonzero(np.isin(owner, frows))
+    return ens.probs(mem, mine, progress), (owner[mine], starts[mine], mem.num_frames[mine])
+
+
+def _set_segments(data, lrow, chunks, cp, keep, config) -> dict:
+    """Write the kept chunk probabilities as segment soft labels of their clips."""
+    hop_s = config.hop_length / config.sample_rate
+    owner, starts, frames = chunks
+    rows_out, segs = [], []
+    for r in np.unique(owner[keep]):
+        k = np.flatnonzero(keep & (owner == r))
+        rows_out.append(lrow[r])
+        segs.append((starts[k] * hop_s, (starts[k] + frames[k]) * hop_s, cp[k]))
+    data.set_segments(np.asarray(rows_out, np.int64), segs)
+    return {"segments": int(keep.sum()), "filtered_out": int((~keep).sum()), "items_with_segments": len(rows_out)}

@@ -29,13 +29,10 @@ log = logging.getLogger(__name__)
 def dist_info(num_replicas: int | None = None, rank: int | None = None) -> tuple[int, int]:
     """(num_replicas, rank), from torch.distributed when not given and initialised."""
     if num_replicas is None or rank is None:
+        import torch.distributed as dist
         world, r = 1, 0
-        try:
-            import torch.distributed as dist
-            if dist.is_available() and dist.is_initialized():
-                world, r = dist.get_world_size(), dist.get_rank()
-        except ImportError:  # pragma: no cover
-            pass
+        if dist.is_available() and dist.is_initialized():
+            world, r = dist.get_world_size(), dist.get_rank()
         num_replicas = world if num_replicas is None else num_replicas
         rank = r if rank is None else rank
     if num_replicas < 1 or not 0 <= rank < num_replicas:

@@ -208,7 +208,7 @@ def make_demo_corpus(out: str | Path, spec: DemoCorpusSpec | None = None) -> dic
     for i in range(spec.train_messages):
         words = list(rng.choice(spec.vocab, size=spec.words_per_message))
         spk = train_voices[rng.integers(len(train_voices))]
-        mid = f"train_{i:05d}"
+        mid = f"train_{i:06d}"
         _write_wav(out / "audio" / f"{mid}.wav", synth_message(words, spk, sr, rng), sr)
         text = " ".join(words)
         t += rng.exponential(12.0)
@@ -234,7 +234,7 @@ def make_demo_corpus(out: str | Path, spec: DemoCorpusSpec | None = None) -> dic
     for i in range(spec.test_messages):
         words = list(rng.choice(spec.vocab, size=spec.words_per_message))
         spk = test_voices[rng.integers(len(test_voices))]
-        mid = f"test_{i:05d}"
+        mid = f"test_{i:06d}"
         _write_wav(out / "audio" / f"{mid}.wav", synth_message(words, spk, sr, rng), sr)
         test.append((mid, f"audio/{mid}.wav", " ".join(words)))
         truth.append((mid, " ".join(words), "test"))

@@ -48,4 +48,9 @@ def test_featurize_timeline_reports_a_ceiling(folder, tmp_path):
     r = json.loads((tmp_path / "t.json").read_text())
     two = r["median_round"]["2"]
     assert r["files"] == 60 and two["fork"] > 0 and two["worker_first_chunk_at"] >= two["pre_fork"]
-    assert 1.0 < r["scaling_ceiling"] <= 2.0 and "ceiling on the scaling" in out
+    # structure, not speed (the figures depend on the machine's load): the ceiling is the
+    # formula it prints, 2 T1 / (T1 + W), with W >= 0
+    one = r["median_round"]["1"]
+    assert r["unavoidable_s"] >= 0 and 0 < r["scaling_ceiling"] <= 2.0
+    assert abs(r["scaling_ceiling"] - 2 * one["wall"] / (one["wall"] + r["unavoidable_s"])) < 1e-9
+    assert f"ceiling on the scaling: 2 T1 / (T1 + W) = {r['scaling_ceiling']:.2f}x" in out

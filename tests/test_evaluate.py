@@ -234,3 +234,46 @@ def test_feature_config_mismatch_is_refused(tmp_path):
         evaluate(truth, checkpoint=ck, features=fs)
     r = run_cli("evaluate", ck, fs, truth)
     assert r.returncode == 1 and "feature config hash" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_nan_features_are_an_error_naming_file_and_item(tmp_path):
+    from pllcli.features.config import FeatureConfig
+    from pllcli.features.store import write_feature_store
+    _, ck, fs, items = _store_and_checkpoint(tmp_path)
+    items[2]["features"][5, 3] = np.nan
+    items[4]["features"][0, 0] = np.inf
+    bad = tmp_path / "bad.h5"
+    write_feature_store(bad, FeatureConfig.preset("speech8k", n_mels=16), items)
+    truth = _write(tmp_path / "t.csv", "id,labels\n" + "".join(f"{it['id']},cat\n" for it in items))
+    with pytest.raises(InputError, match=r"bad.h5: features of item 's2' contain NaN/inf \(and 1 more\)"):
+        evaluate(truth, checkpoint=ck, features=bad)
+    r = run_cli("evaluate", ck, bad, truth)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"error: {bad}: features of item 's2' contain NaN/inf "
+                                                 "(and 1 more)")
+
+
+def test_help_grammar_plots_extra_device_and_durations(single, tmp_path):
+    import re
+    r = run_cli("evaluate", "--help")
+    text = re.sub(r"[│\s]+", " ", r.stdout)
+    assert "pip install 'pllcli[plots]'" in text and "pip install 'pllcli[sed]'" in text
+    assert "[default: auto]" in text.split("--device", 1)[1][:200]
+    ids, y, p, pred, truth = single
+    r = run_cli("evaluate", "--predictions", pred, truth, "--segment", "2x")
+    assert r.returncode == 2 and "--segment: cannot read '2x' as a duration" in r.stderr
+
+
+def test_without_sed_scores_eval_psds_is_skipped_with_a_hint(tmp_path, monkeypatch):
+    from pllcli.errors import MissingExtraError
+    from pllcli.metrics import sed
+
+    def missing(purpose="PSDS"):
+        raise MissingExtraError("sed-scores-eval-np2", "sed", purpose)
+    monkeypatch.setattr(sed, "load", missing)
+    truth = _write(tmp_path / "strong.tsv", "id\tonset\toffset\tlabel\na\t1.0\t2.0\tdog\n")
+    est = _write(tmp_path / "est.tsv", "id\tonset\toffset\tlabel\na\t1.1\t2.1\tdog\n")
+    pred = _write(tmp_path / "p.csv", "id,cat,dog,owl\na,0.1,0.9,0.2\n")
+    rep = evaluate(truth, predictions=pred, estimated_events=est).report
+    assert rep["event"]["micro_f1"] == 1.0 and "intersection" not in rep
+    assert rep["psds"] == "skipped: sed_scores_eval is not installed (pip install 'pllcli[sed]')"

@@ -80,3 +80,113 @@ def test_decode_items_rows():
     s = np.zeros((4, 1))
     s[1:3, 0] = 0.9
     assert decode_items([("x", s), ("y", np.zeros((4, 1)))], ["a"], 0.5) == [("x", 0.5, 1.5, "a")]
+
+
+# ---------------------------------------------------------------- decoding options
+
+def test_parse_thresholds_forms_and_errors():
+    from pllcli.events import parse_thresholds
+    cls = ["cat", "dog", "owl"]
+    assert parse_thresholds("0.4", cls).tolist() == [0.4, 0.4, 0.4]
+    assert parse_thresholds("dog=0.3,cat=0.6,owl=0.5", cls).tolist() == [0.6, 0.3, 0.5]
+    assert parse_thresholds("0.5,dog=0.25", cls).tolist() == [0.5, 0.25, 0.5]
+    assert parse_thresholds(0.7, cls).tolist() == [0.7] * 3
+    assert parse_thresholds([0.1, 0.2, 0.3], cls).tolist() == [0.1, 0.2, 0.3]
+    with pytest.raises(UsageError, match="no value for cat, owl; add a default"):
+        parse_thresholds("dog=0.3", cls)
+    with pytest.raises(UsageError, match="unknown class 'emu'"):
+        parse_thresholds("0.5,emu=0.3", cls)
+    with pytest.raises(UsageError, match=r"must be in \(0, 1\)"):
+        parse_thresholds("0.5,dog=1.5", cls)
+    with pytest.raises(UsageError, match="cannot read 'x'"):
+        parse_thresholds("dog=x", cls)
+
+
+def test_median_in_frames_or_seconds():
+    from pllcli.events import median_frames
+    assert median_frames(5, 0.1) == 5 and median_frames("5", 0.1) == 5
+    assert median_frames("300ms", 0.1) == 3 and median_frames("0.2s", 0.1) == 3  # 2 frames -> odd 3
+    assert median_frames(0.5, 0.1) == 5 and median_frames("10ms", 0.1) == 1
+    # decode_events with a median in seconds equals the same median in frames
+    s = np.zeros((20, 1))
+    s[[3, 8, 9, 10, 11, 15]] = 0.9
+    assert decode_events(s, ["a"], 0.1, median="300ms") == decode_events(s, ["a"], 0.1, median=3) \
+        == [Event(0.8, 1.2, "a")]
+
+
+def test_hysteresis_min_duration_and_gap_merge_in_decode():
+    # hop 0.1 s. Class a: 0.6 at frames 2-3 reaches the on threshold 0.5; the run continues while
+    # >= 0.3 (frames 1-5); frames 8-9 (0.4) never reach 0.5 -> dropped. Class b: two 0.2 s runs
+    # 0.1 s apart merge with min_gap 0.15; a 0.1 s blip at frame 18 is dropped by min_duration.
+    s = np.zeros((20, 2))
+    s[:, 0] = [0.1, 0.35, 0.6, 0.6, 0.4, 0.3, 0.1, 0.1, 0.4, 0.4] + [0.0] * 10
+    s[[11, 12, 14, 15, 18], 1] = 0.9
+    got = decode_events(s, ["a", "b"], 0.1, threshold=[0.5, 0.5], low=[0.3, 0.5], min_gap=0.15, min_duration=0.2)
+    assert got == [Event(0.1, 0.6, "a"), Event(1.1, 1.6, "b")]
+    no_hyst = decode_events(s, ["a", "b"], 0.1, threshold=0.5)
+    assert [e for e in no_hyst if e.label == "a"] == [Event(0.2, 0.4, "a")]
+    assert [e for e in no_hyst if e.label == "b"] == [Event(1.1, 1.3, "b"), Event(1.4, 1.6, "b"), Event(1.8, 1.9, "b")]
+
+
+def test_tune_thresholds_picks_best_f1_per_class():
+    from pllcli.events import tune_thresholds
+    # background 0.1. Class a: true event 1-2 s scores 0.8, a false bump 3-4 s 0.55: thresholds
+    # 0.6 .. 0.8 give F1 1 (the lowest, 0.6, is kept). Class b: its true event 0.5-1.5 s scores only
+    # 0.3: 0.15 .. 0.3 give F1 1; <= 0.1 makes the whole clip one event.
+    hop = 0.1
+    s = np.full((50, 3), 0.1)
+    s[10:20, 0] = 0.8
+    s[30:40, 0] = 0.55
+    s[5:15, 1] = 0.3
+    ref = {"u": [(1.0, 2.0, "a"), (0.5, 1.5, "b")]}
+    thr, f1 = tune_thresholds([("u", s, hop, 5.0)], ref, ["a", "b", "c"])
+    assert thr[0] == pytest.approx(0.6) and thr[1] == pytest.approx(0.15)
+    assert f1[0] == 1.0 and f1[1] == 1.0
+    assert thr[2] == 0.5 and np.isnan(f1[2])  # no truth events for c: the default stays
+
+
+# ---------------------------------------------------------------- WHEN/WHO events
+
+def test_when_segments_and_per_event_classes():
+    from pllcli.events import events_at_peaks, label_segments, segment_means, when_segments
+    hop = 0.1
+    when = np.zeros(30)
+    when[2:6] = 0.9   # segment 0.2-0.6 s
+    when[15:22] = 0.8  # segment 1.5-2.2 s
+    segs = when_segments(when, hop, 0.5)
+    assert segs == [(0.2, 0.6), (1.5, 2.2)]
+    classes = ["three", "seven", "nine"]
+    evidence = np.zeros((30, 3))
+    evidence[2:6, 0] = 0.7    # "three" sounds in the first segment
+    evidence[15:22, 1] = 0.6  # "seven" in the second
+    evidence[15:22, 2] = 0.65  # "nine" scores higher there, but it is not a tag of the clip
+    means = segment_means(evidence, segs, hop)
+    np.testing.assert_allclose(means, [[0.7, 0, 0], [0, 0.6, 0.65]])
+    tags = ["three", "seven"]
+    assert label_segments(segs, means, classes, tags) == [Event(0.2, 0.6, "three"), Event(1.5, 2.2, "seven")]
+    assert label_segments(segs, means, classes) == [Event(0.2, 0.6, "three"), Event(1.5, 2.2, "nine")]
+    # the WHEN x WHO baseline: every tag on every segment (4 events, 2 of them wrong)
+    assert len(label_segments(segs, means, classes, tags, mode="all")) == 4
+    assert label_segments(segs, means, classes, []) == []
+    # one event per tag where its evidence peaks
+    assert events_at_peaks(segs, evidence, hop, classes, [1, 0]) == [Event(0.2, 0.6, "three"),
+                                                                     Event(1.5, 2.2, "seven")]
+    assert events_at_peaks([], evidence, hop, classes, tags) == []
+
+
+def test_sliding_windows_cover_the_clip_and_overlap_average_reference():
+    from pllcli.events import overlap_average, sliding_windows
+    assert sliding_windows(10, 4, 3) == [(0, 4), (3, 7), (6, 10)]
+    assert sliding_windows(11, 4, 3) == [(0, 4), (3, 7), (6, 10), (7, 11)]   # last window ends at the clip end
+    assert sliding_windows(3, 4, 2) == [(0, 3)]                                # short clip: one window
+    assert sliding_windows(8, 4, 4) == [(0, 4), (4, 8)]
+    with pytest.raises(UsageError, match=">= 1 frame"):
+        sliding_windows(8, 0, 1)
+    scores = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    out = overlap_average(scores, [(0, 4), (3, 7), (6, 10)], 10)
+    assert np.allclose(out[:, 0], [1, 1, 1, 0.5, 0, 0, 0.25, 0.5, 0.5, 0.5])
+    assert np.allclose(out[:, 1], [0, 0, 0, 0.5, 1, 1, 0.75, 0.5, 0.5, 0.5])
+    # decoded like any frame scores (>= 0.5): class a on frames 0-3 and 7-9, class b on frames 3-9
+    ev = decode_events(out, ["a", "b"], 0.1, 0.5)
+    assert [(e.label, e.onset, e.offset) for e in ev] == [("a", 0.0, 0.4), ("b", 0.3, 1.0), ("a", 0.7, 1.0)]
+    assert overlap_average(np.zeros((0, 2)), [], 3).tolist() == [[0, 0]] * 3     # no window: zeros

@@ -25,7 +25,7 @@ def _env():
     return env
 
 
-def make(name, *args, dry=True, timeout=60):
+def make(name, *args, dry=True, timeout=600):  # the timeout only stops a hang
     cmd = [MAKE, "--no-print-directory", "-f", str(EXAMPLES / f"Makefile.{name}")]
     cmd += ["-n"] if dry else []
     r = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=_env(), capture_output=True,
@@ -56,6 +56,36 @@ def test_chat_dry_run(tmp_path):
                   "--vocab", "pllcli train", "--epochs 3", "pllcli evaluate", "--restrict-candidates",
                   "pllcli pseudo-label", "pllcli export", "--check"):
         assert stage in out, stage
+    # pseudo-label restricts with a label store path, like predict (a bare flag is a usage error now)
+    assert f"--restrict-candidates {tmp_path / 'out'}/labels.h5 --threshold" in out
+    assert f"build-candidates -o {tmp_path / 'out'}/labels.h5" in out
+    assert f"featurize {tmp_path / 'out'}/train_audio.csv -o {tmp_path / 'out'}/train.h5" in out
+
+
+def test_makefile_data_defaults_match_the_readme():
+    """The corpus targets default to ../shared next to the clone (as the README's walkthrough), and
+    every default data/output folder sits under the ignored runs/."""
+    readme = (ROOT / "README.md").read_text()
+    assert "python ../shared/bench/make_chat_corpus.py ../shared/data/fsdd/recordings chat" in readme
+    assert make("chat", "corpus").split() == ["python", "../shared/bench/make_chat_corpus.py",
+                                              "../shared/data/fsdd/recordings", "runs/data/chat-fsdd"]
+    assert make("weak", "corpus").split() == ["python", "../shared/bench/make_weak_corpus.py",
+                                              "../shared/data/fsdd/recordings", "runs/data/weak"]
+    for name in ("chat", "ssl", "weak", "export"):
+        text = (EXAMPLES / f"Makefile.{name}").read_text()
+        assert "/work/" not in text, name
+    assert "/work/" not in (EXAMPLES / "README.md").read_text()
+
+
+def test_ddp_sets_threads_so_torchrun_prints_no_banner(tmp_path):
+    data = tmp_path / "data"
+    _touch(*(data / f for f in ("voice.csv", "chat.csv", "clean.csv", "unlabeled.csv", "test.csv")))
+    out = make("chat", f"DATA={data}", f"OUT={tmp_path / 'out'}", "ddp")
+    line = next(ln for ln in out.splitlines() if "torchrun" in ln)
+    assert line.startswith("OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m pllcli train")
+    readme = (ROOT / "README.md").read_text()
+    assert all(ln.lstrip().startswith("OMP_NUM_THREADS=") for ln in readme.splitlines()
+               if ln.lstrip().startswith(("torchrun", "OMP_NUM_THREADS")) and "torchrun" in ln)
 
 
 def test_ssl_dry_run(tmp_path):
@@ -102,9 +132,9 @@ def test_chat_makefile_evaluate_end_to_end(tmp_path):
     out = tmp_path / "out"
     args = [f"DATA={corpus}", f"OUT={out}", f"VOCAB={corpus / 'classes.txt'}", "EPOCHS=1", "JOBS=1",
             "DEVICE=cpu", "TRAIN_ARGS=--batch-size 32"]
-    make("chat", *args, "evaluate", dry=False, timeout=300)
+    make("chat", *args, "evaluate", dry=False)
     metrics = json.loads((out / "pll" / "test_metrics.json").read_text())
-    assert 0.0 <= metrics["clip"]["accuracy"] <= 1.0
+    assert metrics["clip"]["n_items"] == 20 and metrics["num_classes"] == 25  # every test message, every class
     # file targets: a second run has nothing to do
     again = make("chat", *args, "evaluate", dry=False)
     assert "pllcli" not in again

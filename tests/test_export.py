@@ -119,14 +119,18 @@ def test_cli_export_check_and_errors(ckpt, tmp_path):
     r = run_cli("export", ckpt, "-o", out)  # exists
     assert r.returncode == 2 and "--overwrite" in r.stderr
     r = run_cli("export", ckpt, "-o", tmp_path / "m.bin")
-    assert r.returncode == 2 and "--format" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "m.bin" in r.stderr and ".onnx" in r.stderr and "Traceback" not in r.stderr
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     r = run_cli("export", bad, "-o", tmp_path / "z.onnx")
     assert r.returncode == 1 and "bad.pt" in r.stderr and "Traceback" not in r.stderr
     # a tolerance of 0 cannot be met by the DFT-conv ONNX graph: non-zero exit
-    r = run_cli("export", ckpt, "-o", tmp_path / "t.onnx", "--check", "--tolerance", "0")
+    r = run_cli("export", ckpt, "-o", tmp_path / "t.onnx", "--check", "--tolerance", "0",
+                "--json", tmp_path / "t.json")
     assert r.returncode == 1 and "tolerance" in r.stderr
+    # a failed check leaves nothing at the output path (nor a temporary file beside it)
+    assert not (tmp_path / "t.onnx").exists() and not list(tmp_path.glob(".t.onnx*"))
+    assert json.loads((tmp_path / "t.json").read_text())["check"]["ok"] is False
 
 
 def test_onnx_classify_example_runs_without_torch(ckpt, tmp_path):
@@ -151,3 +155,32 @@ def test_onnx_classify_example_runs_without_torch(ckpt, tmp_path):
     with torch.no_grad():
         _, p = ex.eager_module(model, meta, fe)(torch.from_numpy(x)[None])
     assert lines[0].split("\t")[0] == CLASSES[int(p.argmax())]
+
+
+def test_encoder_export_is_one_onnx_graph_equal_to_encoder_plus_model(tmp_path):
+    """An encoder frontend (issue 15): waveform -> encoder graph -> classifier in one ONNX file."""
+    import onnx
+
+    from pllcli.encoders import build_encoder
+    from pllcli.models import build_model
+    from tests.test_encoders import KEYS, _two_stage, _wave
+    _two_stage(tmp_path)
+    enc = build_encoder(f"onnx:{tmp_path},{KEYS}")
+    torch.manual_seed(0)
+    model = build_model("convgru", enc.dim, len(CLASSES), width=4, rnn_hidden=8, proj=8).eval()
+    md = {"classes": CLASSES, "task": "single"}
+    checked = []
+    out = tmp_path / "enc.onnx"
+    got_md = ex.export_encoder_onnx(enc, model, md, out, False, verify=lambda tmp, fmt: checked.append(fmt))
+    assert checked == ["onnx"] and got_md["encoder"] == enc.identity() and got_md["min_samples"] == 1
+    onnx.checker.check_model(onnx.load(str(out)))
+    meta = ex.read_metadata(out)
+    assert meta["classes"] == CLASSES and meta["encoder"] == enc.identity()
+    run = ex.Runner(out)
+    for n in (enc.min_samples + 4 * enc.hop * 8, enc.min_samples * 3 + 7):
+        x = _wave(n, n)
+        logits, probs = run(x[None])
+        with torch.no_grad():
+            ref = model(torch.from_numpy(enc.embed(x))[None], None)["logits"].numpy()
+        np.testing.assert_allclose(logits, ref, atol=1e-4)
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)

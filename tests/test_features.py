@@ -96,7 +96,7 @@ def test_fbank_matches_torchaudio_kaldi(preset):
 
 @pytest.mark.parametrize("preset", ["speech8k", "fbank8k"])
 def test_batched_extraction_equals_one_at_a_time(preset):
-    from pllcli.features.extract import compute_features
+    from pllcli.features.compute import compute_features
     c = FeatureConfig.preset(preset)
     fe = c.make_frontend()
     lens = [50, 512, 513, 592, 4000, 3999, 8000, 1234]
@@ -113,7 +113,7 @@ def test_batched_extraction_equals_one_at_a_time(preset):
 
 
 def test_stacked_features_equal_per_clip_list():
-    from pllcli.features.extract import compute_features, stacked_features
+    from pllcli.features.compute import compute_features, stacked_features
     c = FeatureConfig.preset("speech8k")
     waves = [_tone(n, seed=i) for i, n in enumerate([700, 50, 3000])]
     feats, frames = stacked_features(waves, c)
@@ -123,21 +123,23 @@ def test_stacked_features_equal_per_clip_list():
 
 
 def test_parallel_run_reports_a_failing_worker(monkeypatch):
-    import pllcli.features.extract as E
+    import multiprocessing as mp
+
+    from pllcli.features import pool
     parent = os.getpid()
+    started = mp.get_context("fork").Event()
 
     def fake_chunk(task):
         if os.getpid() != parent:
+            started.set()
             raise ValueError(f"boom in chunk {task[0]}")
+        assert started.wait(60)  # the parent leaves the worker a task, however loaded the machine
         return {"chunk": task[0]}
 
-    def slow_handle(res):  # leaves the worker time to take a task
-        time.sleep(0.01)
-
-    monkeypatch.setattr(E, "process_chunk", fake_chunk)
     with pytest.raises(RuntimeError, match="featurize worker failed") as e:
-        E._run_parallel([(k,) for k in range(50)], 2, slow_handle)
-    assert "ValueError: boom in chunk" in str(e.value)
+        pool.run_parallel([(k,) for k in range(50)], 2, fake_chunk, lambda res: None)
+    assert str(e.value).startswith("featurize worker failed: ValueError: boom in chunk")
+    assert "\n" not in str(e.value)  # one line for `error: ...` (the traceback goes to the debug log)
     assert _children() == []  # the workers are gone, and reaped (no zombie)
 
 
@@ -158,37 +160,53 @@ def _children() -> list[int]:
 def test_parallel_run_reports_a_killed_worker(monkeypatch):
     import signal
 
-    import pllcli.features.extract as E
+    import multiprocessing as mp
+
+    from pllcli.features import pool
     parent = os.getpid()
+    started = mp.get_context("fork").Event()
 
     def fake_chunk(task):
         if os.getpid() != parent:
+            started.set()
             os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(0.01)
+        assert started.wait(60)
         return {"chunk": task[0]}
 
-    monkeypatch.setattr(E, "process_chunk", fake_chunk)
     seen = []
     with pytest.raises(RuntimeError, match=f"featurize worker exited with code -{int(signal.SIGKILL)}"):
-        E._run_parallel([(k,) for k in range(50)], 2, seen.append)
-    assert len(seen) < 50 and _children() == []
+        pool.run_parallel([(k,) for k in range(50)], 2, fake_chunk, seen.append)
+    assert len(seen) <= 49 and _children() == []  # the worker's task never came back
 
 
 def test_parallel_run_returns_finished_workers_and_calls_idle(monkeypatch):
-    import pllcli.features.extract as E
+    import multiprocessing as mp
+
+    from pllcli.features import pool
     parent = os.getpid()
+    ctx = mp.get_context("fork")
+    in_task, go = ctx.Semaphore(0), ctx.Event()
 
     def fake_chunk(task):
-        time.sleep(0.002 if os.getpid() == parent else 0.02)  # the worker is slower: the parent waits
+        if os.getpid() != parent:  # each worker holds its first task until the parent is idle
+            in_task.release()
+            assert go.wait(60)
+        else:
+            for _ in range(0 if first else 2):  # the parent's first task waits for both workers
+                assert in_task.acquire(timeout=60)
+            first.append(task[0])
         return {"chunk": task[0], "pid": os.getpid(), "block": None}
 
-    monkeypatch.setattr(E, "process_chunk", fake_chunk)
-    seen, idle = [], []
-    pids = E._run_parallel([(k,) for k in range(40)], 3, seen.append, idle=lambda: idle.append(1))
+    def on_idle():
+        idle.append(1)
+        go.set()
+
+    seen, idle, first = [], [], []
+    pids = pool.run_parallel([(k,) for k in range(40)], 3, fake_chunk, seen.append, idle=on_idle)
     assert sorted(r["chunk"] for r in seen) == list(range(40))  # each task once
     assert len({r["pid"] for r in seen}) == 3 and len(pids) == 2
     assert idle == [1]
-    E._finish_workers(pids)
+    pool.finish_workers(pids)
     assert _children() == []
 
 
@@ -275,7 +293,7 @@ def test_mono_wav_decoding_equals_soundfile_and_checks(tmp_path, subtype):
 
 
 def test_manifest_rows_blank_lines_padding_and_line_numbers(tmp_path):
-    from pllcli.features.extract import read_manifest
+    from pllcli.features.inputs import read_manifest
     m = tmp_path / "m.tsv"
     m.write_text("id\tpath\tspk\n\n a \t x.wav \t s1\n\t\t\nb\t/abs/y.wav\n")
     items, cols = read_manifest(str(m))
@@ -381,7 +399,7 @@ def test_writer_blocks_equal_item_by_item(tmp_path, monkeypatch):
 
 
 def test_chunk_bounds_cover_the_input_and_shrink_at_the_end():
-    from pllcli.features.extract import MIN_TAIL_CHUNK, chunk_bounds
+    from pllcli.features.inputs import MIN_TAIL_CHUNK, chunk_bounds
     assert [b - a for a, b in chunk_bounds(3000, 256)] == [256] * 10 + [147, 98, 65, 44, 29, 19, 16, 22]
     assert chunk_bounds(0, 4) == [] and chunk_bounds(5, 256) == [(0, 5)]
     assert [b - a for a, b in chunk_bounds(8, 2)] == [2, 2, 2, 2]  # no piece below a small chunk size
@@ -399,7 +417,8 @@ def test_chunk_bounds_cover_the_input_and_shrink_at_the_end():
 
 
 def test_part_records_read_without_copy_equal_numpy(tmp_path):
-    from pllcli.features.extract import _load_part, _map_records
+    from pllcli.features.journal import load_part as _load_part
+    from pllcli.features.journal import map_records as _map_records
     arrays = [np.frombuffer(b'{"meta_columns": []}', np.uint8), np.array(["a", "bcd"]),
               np.arange(12, dtype=np.float32).reshape(4, 3), np.zeros((0, 64), np.float16),
               np.array([3, 1], np.int64), np.array(2.5), np.array(["x" * 300])]
@@ -412,7 +431,7 @@ def test_part_records_read_without_copy_equal_numpy(tmp_path):
     for a, g in zip(arrays, got):
         assert g.dtype == a.dtype and g.shape == a.shape and np.array_equal(g, a)
         assert not g.flags.writeable  # a view of the mapped file
-    # a header numpy writes in another layout (big-endian, fortran order) takes numpy's parser
+    # other header layouts numpy writes: big-endian is read, fortran order refused
     with open(tmp_path / "f.npys", "wb") as f:
         np.lib.format.write_array(f, np.arange(6, dtype=">i4").reshape(2, 3))
     assert _map_records(tmp_path / "f.npys")[0].tolist() == [[0, 1, 2], [3, 4, 5]]
@@ -481,8 +500,12 @@ def test_reader_rejects_other_files(tmp_path):
     import h5py
     with h5py.File(tmp_path / "o.h5", "w") as f:
         f.attrs["format"] = "pllcli-labels"
-    with pytest.raises(InputError, match="not a pllcli feature store"):
+    with pytest.raises(InputError, match="this is a label store; pass it with --labels"):
         FeatureStore(tmp_path / "o.h5")
+    with h5py.File(tmp_path / "q.h5", "w") as f:
+        f.attrs["format"] = "something-else"
+    with pytest.raises(InputError, match="not a pllcli feature store"):
+        FeatureStore(tmp_path / "q.h5")
     (tmp_path / "t.h5").write_text("hello")
     with pytest.raises(InputError, match="t.h5: not a readable feature store"):
         FeatureStore(tmp_path / "t.h5")
@@ -532,6 +555,25 @@ def test_docs_h5py_snippet(tmp_path, monkeypatch, capsys):
     np.testing.assert_array_equal(ns["x"], items[1]["features"])
     assert "0_jackson_0 (8, 64) logmel 8000" in capsys.readouterr().out
     assert math.isfinite(float(ns["x"].sum()))
+
+
+def test_docs_kaldi_style_snippet(tmp_path, monkeypatch):
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "feature_store.md").read_text()
+    m = re.search(r"<!-- snippet:kaldi-style -->\s*```python\n(.*?)```", doc, re.S)
+    assert m, "snippet markers missing from docs/feature_store.md"
+    c = FeatureConfig.preset("speech8k")
+    items = _items(3)
+    write_feature_store(tmp_path / "features.h5", c, items, ["speaker"])
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(m.group(1), "feature_store.md", "exec"), ns)
+    got = list(ns["pllcli_utterances"]("features.h5"))
+    assert [u for u, _, _ in got] == [it["id"] for it in items]
+    for (_, x, meta), it in zip(got, items):
+        np.testing.assert_array_equal(x, it["features"])
+        assert meta == {"speaker": it["meta"]["speaker"]}
+    assert ns["frame_shift"] == c.hop_length / c.sample_rate
+    assert ns["utt2spk"] == {it["id"]: it["meta"]["speaker"] for it in items}
 
 
 @pytest.mark.parametrize("preset", ["speech8k", "fbank8k"])

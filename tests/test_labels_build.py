@@ -201,7 +201,7 @@ def test_simulation_uniform_fixed_missing_confusions(tmp_path):
 
 def test_cli_end_to_end_json_and_store(files):
     out = files["dir"] / "l.h5"
-    args = ["build-candidates", out, "--voice", files["voice"], "--chat", files["chat"],
+    args = ["build-candidates", "-o", out, "--voice", files["voice"], "--chat", files["chat"],
             "--clean", files["clean"], "--next", "4", "--weights", "delay-prior", "--json", "-"]
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr
@@ -218,13 +218,13 @@ def test_cli_end_to_end_json_and_store(files):
 
 def test_cli_simulate_and_window(files, tmp_path):
     labels = _write(tmp_path, "lab.csv", "id,label\n" + "".join(f"i{i},c{i % 4}\n" for i in range(40)))
-    r = run_cli("-q", "build-candidates", tmp_path / "s.h5", "--simulate-from", labels, "--set-size", "2",
+    r = run_cli("-q", "build-candidates", "-o", tmp_path / "s.h5", "--simulate-from", labels, "--set-size", "2",
                 "--missing-share", "0.5", "--seed", "3", "--json", "-")
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)
     d = read_label_store(tmp_path / "s.h5")
     assert (d.set_sizes == 2).all() and st["mode"] == "uniform-k" and 0.2 < st["coverage"] < 0.8
-    r = run_cli("-q", "build-candidates", tmp_path / "w.h5", "--voice", files["voice"], "--chat",
+    r = run_cli("-q", "build-candidates", "-o", tmp_path / "w.h5", "--voice", files["voice"], "--chat",
                 files["chat"], "--window", "2s", "--json", "-")
     assert r.returncode == 0 and json.loads(r.stdout)["mean_set_size"] == pytest.approx((2 + 2) / 2)
     r = run_cli("build-candidates", tmp_path / "w2.h5", "--voice", files["voice"], "--chat", files["chat"],
@@ -235,7 +235,7 @@ def test_cli_simulate_and_window(files, tmp_path):
 def test_clean_labels_alone_with_unlabeled(tmp_path):
     clean = _write(tmp_path, "few.csv", "id,label\na,one\nb,two\nc,one\n")
     unl = _write(tmp_path, "rest.csv", "id,path\nd,d.wav\ne,e.wav\n")
-    r = run_cli("build-candidates", tmp_path / "few.h5", "--clean", clean, "--unlabeled", unl, "--json", "-")
+    r = run_cli("build-candidates", "-o", tmp_path / "few.h5", "--clean", clean, "--unlabeled", unl, "--json", "-")
     assert r.returncode == 0, r.stderr
     d = read_label_store(tmp_path / "few.h5")
     assert list(d.ids) == ["a", "b", "c", "d", "e"] and list(d.classes) == ["one", "two"]
@@ -243,3 +243,9 @@ def test_clean_labels_alone_with_unlabeled(tmp_path):
     assert json.loads(r.stdout)["source"] == "clean"
     r = run_cli("build-candidates", tmp_path / "x.h5", "--clean", clean, "--weights", "delay-prior")
     assert r.returncode == 2 and "--weights" in r.stderr
+
+
+def test_clean_labels_of_a_single_class(tmp_path):
+    from pllcli.labels.build import build_from_clean
+    b = build_from_clean(str(_write(tmp_path, "one.csv", "id,label\na,x\nb,x\n")))
+    assert list(b.data.classes) == ["x"] and list(b.data.clean) == [0, 0] and b.stats["items"] == 2

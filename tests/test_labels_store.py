@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from pllcli.errors import InputError
-from pllcli.labels.store import (LabelData, align_ids, describe, merge_label_stores, read_label_store,
-                                 write_label_store)
+from pllcli.labels.store import (LabelData, align_ids, cover_features, describe, merge_label_stores,
+                                 read_label_store, write_label_store)
 
 
 def _data():
@@ -122,6 +122,32 @@ def test_align_ids():
     with pytest.raises(InputError, match=r"2 of 3 feature ids .*'x', 'y'"):
         align_ids(["x", "a", "y"], ["a", "b"])
     assert align_ids(["x", "a"], ["a"], allow_missing=True).tolist() == [-1, 0]
+
+
+def test_cover_features_appends_missing_ids_as_unlabeled(tmp_path, caplog):
+    import logging
+    d = _data()
+    d.set_soft([0], np.array([[0.2, 0.3, 0.5]]))
+    d.set_segments([4], [([0.0], [1.0], np.array([[0.1, 0.8, 0.1]]))])
+    fids = ["e", "x", "a", "y", "c"]
+    with caplog.at_level(logging.INFO, logger="pllcli.labels.store"):
+        cov, rows, added = cover_features(d, fids, "label store l.h5")
+    assert added == 2 and "2 of 5 feature ids are not in the label store l.h5" in caplog.text
+    assert list(cov.ids[rows]) == fids and len(d) == 5  # the input is not changed
+    assert rows.tolist()[::2] == [4, 0, 2] and sorted(rows[[1, 3]].tolist()) == [5, 6]
+    # the labelled rows keep everything; the appended ones have nothing and are unlabeled
+    np.testing.assert_allclose(cov.candidate_matrix(rows[[0, 2, 4]]), d.candidate_matrix([4, 0, 2]))
+    np.testing.assert_allclose(cov.soft_matrix([rows[2]]), d.soft_matrix([0]))
+    assert cov.segments_item.tolist() == [4] and cov.clean.tolist() == d.clean.tolist() + [-1, -1]
+    assert cov.unlabeled[rows].tolist() == [False, True, False, True, False]
+    assert not cov.candidate_matrix(rows[[1, 3]]).any() and not cov.has_tags[rows[[1, 3]]].any()
+    cov.validate()
+    write_label_store(tmp_path / "c.h5", cov)  # still a valid store
+    assert read_label_store(tmp_path / "c.h5").ids.tolist() == cov.ids.tolist()
+    same, rows2, n = cover_features(d, ["c", "a"])
+    assert same is d and rows2.tolist() == [2, 0] and n == 0
+    with pytest.raises(InputError, match=r"none of the 2 feature ids are in the label store l\.h5"):
+        cover_features(d, ["x", "y"], "label store l.h5")
 
 
 def test_read_rejects_other_files(tmp_path):

@@ -1,4 +1,5 @@
 """pllcli.pretrain and `pllcli pretrain`: views, objectives, encoder checkpoint, resume, bad input."""
+import dataclasses
 import json
 import math
 
@@ -51,22 +52,20 @@ def test_augment_leaves_padding_and_mixes_in_power_domain():
     x = torch.zeros(2, 6, 4)
     x[1] = math.log(3.0)
     lengths = torch.tensor([4, 6])
-    cfg = AugmentConfig(time_masks=0, freq_masks=0, gain_db=0, noise_std=0, mix_prob=1.0, mix_max=0.5,
-                         freq_warp=0, time_warp=0)
+    off = AugmentConfig.none()
+    cfg = dataclasses.replace(off, mix_prob=1.0, mix_max=0.5)
     g = torch.Generator().manual_seed(0)
     y = augment_batch(x, lengths, cfg, g)
     assert torch.all(y[0, 4:] == 0)                       # padding untouched
     # clip 0 (power 1) mixed with clip 1 (power 3) at weight w: log((1-w) + 3w) = log(1 + 2w), w in [0, .5]
     v = y[0, 0, 0].item()
     assert 0 <= v <= math.log(2.0) + 1e-6 and torch.allclose(y[0, :4], torch.full((4, 4), v))
-    cfg = AugmentConfig(time_masks=0, freq_masks=0, gain_db=0, noise_std=0, mix_prob=0.0, freq_warp=0, time_warp=0)
-    assert torch.equal(augment_batch(x, lengths, cfg), x)  # nothing enabled: identity
+    assert torch.equal(augment_batch(x, lengths, off), x)  # nothing enabled: identity
 
 
 def test_augment_masks_fill_with_clip_mean():
     x = torch.arange(40.0).reshape(1, 10, 4)
-    cfg = AugmentConfig(time_masks=1, time_mask_frac=0.5, freq_masks=0, gain_db=0, noise_std=0, mix_prob=0,
-                        freq_warp=0, time_warp=0)
+    cfg = dataclasses.replace(AugmentConfig.none(), time_masks=1, time_width=0.5, fill="clip")
     torch.manual_seed(1)
     y = augment_batch(x, None, cfg, torch.Generator().manual_seed(3))
     changed = (y != x).any(-1)[0]
@@ -126,7 +125,7 @@ def test_resume_continues_and_refuses_other_settings(stores, tmp_path, monkeypat
     resume_file = tmp_path / "r.pt.resume.pt"
     assert resume_file.exists() and not out.exists()
     other = PretrainConfig(**{**cfg.__dict__, "batch_size": 4})
-    with pytest.raises(UsageError, match="other settings"):
+    with pytest.raises(ConfigMismatchError, match="other settings; differing: batch_size"):
         pretrain([stores / "a.h5"], out, other, resume=True, progress=False)
     monkeypatch.setattr(P, "pretrain_step_loss", real)
     calls[0] = 0

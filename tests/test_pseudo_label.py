@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pllcli.errors import ConfigMismatchError, UsageError
-from pllcli.pseudo_label import confidence_filter, parse_duration, postprocess, pseudo_label
+from pllcli.pseudo_label import confidence_filter, postprocess, pseudo_label
 from tests.conftest import run_cli
 
 CLASSES = ["a", "b", "c"]
@@ -51,12 +51,10 @@ def _direct_probs(d, teachers, ids):
     return np.stack(out)
 
 
-def test_parse_duration():
-    assert parse_duration("2s") == 2.0 and parse_duration("500ms") == 0.5 and parse_duration("1.5") == 1.5
-    with pytest.raises(UsageError):
-        parse_duration("two seconds")
-    with pytest.raises(UsageError):
-        parse_duration("0s")
+def test_one_duration_parser():
+    """pseudo-label reads --segment with the shared pllcli.io.parse_duration (no copy of its own)."""
+    import pllcli.pseudo_label as pl
+    assert not hasattr(pl, "parse_duration") and not hasattr(pl, "_padded")
 
 
 def test_postprocess_restrict_and_sharpen():
@@ -98,7 +96,7 @@ def test_ensemble_values_roundtrip(setup, tmp_path):
     assert out.clean.tolist() == [-1, 2, -1, -1, -1, -1, 0]        # original labels kept
     assert out.has_soft.tolist() == [True] * 6 + [False]
     # restriction: item u0 has candidates {a, b}
-    pseudo_label(d / "f.h5", t[:2], d / "l.h5", tmp_path / "r.h5", restrict_candidates=True, batch_size=1)
+    pseudo_label(d / "f.h5", t[:2], d / "l.h5", tmp_path / "r.h5", restrict_candidates=d / "l.h5", batch_size=1)
     r = read_label_store(tmp_path / "r.h5").soft_matrix([0])[0]
     assert r[2] == 0 and r[:2].tolist() == pytest.approx((expected[0, :2] / expected[0, :2].sum()).tolist(), abs=1e-5)
 
@@ -162,3 +160,85 @@ def test_cli_errors_are_one_line(setup, tmp_path):
                 "--shard", "1/3", "--json", "-")
     assert r.returncode == 0, r.stderr
     assert '"shard": "1/3"' in r.stdout and (tmp_path / "o.h5").exists()
+
+
+def test_restrict_candidates_takes_a_label_store_path(setup, tmp_path):
+    """--restrict-candidates LABELS, like predict: the candidate sets come from that store (here one
+    that differs from --labels); items it lacks stay unrestricted."""
+    from pllcli.labels.store import LabelData, read_label_store, write_label_store
+    d, t = setup
+    other = LabelData.new(["u1", "u0"], CLASSES, candidates=[[0], [2]], clean=[-1, -1])
+    write_label_store(tmp_path / "restrict.h5", other, {})
+    r = run_cli("pseudo-label", d / "f.h5", "-t", t[0], "-l", d / "l.h5", "-o", tmp_path / "o.h5",
+                "--restrict-candidates", tmp_path / "restrict.h5", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    soft = read_label_store(tmp_path / "o.h5").soft_matrix(np.arange(3))
+    free = _direct_probs(d, t[:1], ["u2"])[0]
+    assert soft[0].tolist() == pytest.approx([0, 0, 1], abs=1e-6)      # u0: restricted to {c}
+    assert soft[1].tolist() == pytest.approx([1, 0, 0], abs=1e-6)      # u1: {a} (l.h5 says {c})
+    np.testing.assert_allclose(soft[2], free, atol=1e-4)               # u2: not in the store
+    r = run_cli("pseudo-label", d / "f.h5", "-t", t[0], "-l", d / "l.h5", "-o", tmp_path / "x.h5",
+                "--restrict-candidates", tmp_path / "missing.h5")
+    assert r.returncode == 1 and "missing.h5" in r.stderr and "Traceback" not in r.stderr
+    # the old flag spelling swallows the next option: say so instead of "missing option -o"
+    r = run_cli("pseudo-label", d / "f.h5", "-t", t[0], "-l", d / "l.h5", "--restrict-candidates", "-o",
+                tmp_path / "x.h5")
+    assert r.returncode == 2 and "'--restrict-candidates': takes a label store path" in r.stderr
+
+
+def test_cli_grammar_of_pseudo_label(setup, tmp_path):
+    """-o is required; --segment accepts 500ms (the shared parser) and names the flag on errors;
+    the path written is printed on stdout."""
+    d, t = setup
+    r = run_cli("pseudo-label", d / "f.h5", "-t", t[0], "-l", d / "l.h5")
+    assert r.returncode == 2 and r.stderr.startswith("error: missing option '-o' / '--output'")
+    r = run_cli("pseudo-label", d / "f.h5", "-t", t[0], "-l", d / "l.h5", "-o", tmp_path / "s.h5",
+                "--segment", "200ms")
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {tmp_path / 's.h5'}: soft labels for 15 segments" in r.stdout
+    r = run_cli("pseudo-label", d / "f.h5", "-t", t[0], "-l", d / "l.h5", "-o", tmp_path / "b.h5",
+                "--segment", "two seconds")
+    assert r.returncode == 2 and r.stderr.startswith("error: --segment") and len(r.stderr.splitlines()) == 1
+
+
+def test_redirected_progress_is_one_line_per_tenth(setup, tmp_path):
+    """stderr not a terminal: no tqdm bar, one log line per ~10% of the items."""
+    d, t = setup
+    r = run_cli("pseudo-label", d / "f.h5", "-t", t[0], "-l", d / "l.h5", "-o", tmp_path / "o.h5",
+                "--batch-size", "1")
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("pseudo-label:")]
+    # 6 items, one per batch: the tenths crossed are 1/6 -> 10%, 2/6 -> 30%, 3/6 -> 50%, ...
+    assert lines == [f"pseudo-label: {p}% ({k}/6)" for k, p in ((1, 10), (2, 30), (3, 50), (4, 60), (5, 80),
+                                                                  (6, 100))], r.stderr
+    assert "\r" not in r.stderr and "it/s" not in r.stderr
+
+
+def test_terminal_keeps_the_live_bar(setup, tmp_path):
+    """stderr a terminal: the tqdm bar, not the per-tenth lines."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+    d, t = setup
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm draws nothing in 0 columns
+    p = subprocess.Popen([sys.executable, "-m", "pllcli", "pseudo-label", str(d / "f.h5"), "-t", str(t[0]),
+                          "-l", str(d / "l.h5"), "-o", str(tmp_path / "o.h5"), "--batch-size", "1"],
+                         stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            b = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not b:
+            break
+        chunks.append(b)
+    assert p.wait(timeout=600) == 0
+    err = b"".join(chunks).decode(errors="replace")
+    assert "pseudo-label:" in err and "it/s" in err and "pseudo-label: 10% (1/6)" not in err, err[-500:]

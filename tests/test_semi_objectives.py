@@ -55,23 +55,15 @@ def test_registered_and_buildable():
         build_objective("vat:on=everything")
 
 
-def test_curriculum_weights():
-    sup, uns = (build_objective(s) for s in S.curriculum_specs("fixmatch:threshold=0.9", epochs=20))
+def test_decaying_unsupervised_weight():
+    uns = build_objective("fixmatch:threshold=0.9,weight=10,final_weight=1,decay_start=5,decay_end=15")
     assert uns.threshold == 0.9
     assert uns.weight(0.0) == pytest.approx(10.0)
-    assert uns.weight(5.0) == pytest.approx(10.0)      # decay starts at E/4
+    assert uns.weight(5.0) == pytest.approx(10.0)      # decay starts at decay_start
     assert uns.weight(10.0) == pytest.approx(5.5)      # halfway through the decay
     assert uns.weight(20.0) == pytest.approx(1.0)
-    assert sup.weight(0.0) == pytest.approx(math.exp(-5))
-    assert sup.weight(10.0) == pytest.approx(1.0)
-    assert sup.weight(0.0) < 0.01 < uns.weight(0.0)
-
-
-def test_semi_objective_specs():
-    assert S.semi_objective_specs(fixmatch=2, alpha=0.5) == ["fixmatch:weight=2,schedule=sigmoid,start=0,end=5",
-                                                            "distill:alpha=0.5"]
-    with pytest.raises(UsageError):
-        S.semi_objective_specs(alpha=2)
+    sup = build_objective("ce:schedule=sigmoid,end=10")
+    assert sup.weight(0.0) == pytest.approx(math.exp(-5)) and sup.weight(10.0) == pytest.approx(1.0)
 
 
 def test_label_targets():

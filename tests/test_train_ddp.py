@@ -43,5 +43,73 @@ def test_a_torchrun_rank_leaves_without_interpreter_teardown(monkeypatch):
     code = ("import atexit, sys; from pllcli.cli.app import _exit_now; "
             "atexit.register(lambda: print('teardown ran')); "
             "print('out', end=''); print('err', end='', file=sys.stderr); _exit_now(3)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert (r.returncode, r.stdout, r.stderr) == (3, "out", "err")  # flushed, exit code kept, no atexit
+
+
+def _two_views_worker(rank, port, out):
+    """One step of two forward passes (two 'views', as consistency objectives do) through
+    Dist.wrap's DistributedDataParallel, on rank-specific data; writes the rank's gradients."""
+    import torch
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from pllcli.training.distributed import Dist
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    dist = Dist()
+    dist.init(torch.device("cpu"))
+    net = dist.wrap(model)
+    torch.manual_seed(100 + rank)
+    x = torch.randn(6, 4)
+    loss = net(x).logsumexp(1).mean() + net(x + 0.1).pow(2).mean()
+    loss.backward()
+    torch.save([p.grad for p in model.parameters()], os.path.join(out, f"g{rank}.pt"))
+    dist.close()
+
+
+def _spawn_two(worker, tmp_path) -> None:
+    """Run worker(rank, port, out) on 2 gloo ranks (a free local port for the rendezvous)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+
+
+def test_ddp_averages_gradients_over_several_forward_passes(tmp_path):
+    import torch
+    _spawn_two(_two_views_worker, tmp_path)
+    g0, g1 = (torch.load(tmp_path / f"g{r}.pt") for r in (0, 1))
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b)  # averaged by DDP: every rank holds the same gradient
+    assert any(a.abs().sum() > 0 for a in g0)
+
+
+def _when_attention_worker(rank, port, out):
+    """A WHEN step with attention pooling through DDP: the pooling must run inside forward."""
+    import torch
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from pllcli.models.whenwho import WhenWhoNet
+    from pllcli.training.distributed import Dist
+    from pllcli.training.weak_objectives import when_loss
+    torch.manual_seed(0)
+    model = WhenWhoNet(6, 2, width=4, depth=2, rnn_hidden=4)
+    dist = Dist()
+    dist.init(torch.device("cpu"))
+    net = dist.wrap(model)
+    torch.manual_seed(100 + rank)
+    x = torch.randn(4, 12, 6)
+    when_loss(net(x, torch.tensor([12, 10, 8, 12]), part="when"), torch.tensor([1.0, 0, 1, 0]), "attention",
+              model).backward()
+    torch.save(model.when_att.att.weight.grad, os.path.join(out, f"a{rank}.pt"))
+    dist.close()
+
+
+def test_ddp_when_attention_pooling_runs_inside_forward(tmp_path):
+    import torch
+    _spawn_two(_when_attention_worker, tmp_path)
+    a0, a1 = (torch.load(tmp_path / f"a{r}.pt") for r in (0, 1))
+    assert torch.allclose(a0, a1) and a0.abs().sum() > 0

@@ -50,8 +50,8 @@ def test_trainer_calls_observe_while_weight_is_zero(tmp_path):
     make_labels(tmp_path / "l.h5", y, n_clean=8)
     train(_cfg(tmp_path, tmp_path / "r", epochs=1, objectives=["proden:start=5", "ce"], top_k=0))
     _, _, extra = load_checkpoint(tmp_path / "r" / "last.pt", with_extra=True)
-    seen = extra["trainer"]["objectives"]["proden/seen"]
-    conf = extra["trainer"]["objectives"]["proden/conf"]
+    seen = extra["trainer"]["task"]["proden/seen"]
+    conf = extra["trainer"]["task"]["proden/conf"]
     assert int(seen.sum()) > 30  # confidences were estimated although the loss weight was 0
     # not the uniform first-sight init any more: they moved with the model
     assert float(conf[seen].max(1).values.mean()) != pytest.approx(0.5, abs=1e-4)

@@ -79,7 +79,7 @@ def test_training_modes_reduce_loss(mode):
     net = weak.WhenWhoNet(6, 2, width=4, depth=2, rnn_hidden=4, shared=mode != "separate")
     cfg = weak.WeakConfig(mode=mode, epochs=6, batch_size=8, lr=1e-2)
     hist = weak.fit_when_who(net, X, L, Y, cfg)
-    key = "joint_loss" if mode == "joint" else "who_loss"
+    key = "loss_joint" if mode == "joint" else "loss_who"
     assert hist[-1][key] < hist[0][key]
     pred = weak.predict_when_who(net, X, L)
     assert pred["who"].shape == (24, 2) and pred["when"].shape == (24, 10)
@@ -151,3 +151,41 @@ def test_registered_objectives_compute_the_library_losses():
     w = build_objective("when-mmm").loss(ctx)
     sub = {k: out[k][:2] for k in ("when_frame_logits", "when_frames", "frame_lengths")}
     assert w.item() == pytest.approx(weak.when_loss(sub, torch.tensor([1.0, 0.0])).item())
+
+
+def _tag_store(tmp_path, n=24):
+    """Feature store of n clips (6 mels) and a tag store: clips i % 3 == 0 have no tag."""
+    from pllcli.features import FeatureConfig, write_feature_store
+    from pllcli.labels.store import LabelData, write_label_store
+    X, L, Y = _toy(n=n)
+    items = [{"id": f"c{i}", "features": X[i].numpy(), "duration": 0.2} for i in range(n)]
+    write_feature_store(tmp_path / "f.h5", FeatureConfig(n_mels=6), items)
+    tags = [[c for c in range(2) if Y[i, c]] for i in range(n)]
+    write_label_store(tmp_path / "t.h5", LabelData.new([f"c{i}" for i in range(n)], ["x", "y"], task="multi",
+                                                       tags=tags), {"test": True})
+
+
+def test_when_who_honours_engine_flags_and_refuses_the_others(tmp_path):
+    import json
+
+    from pllcli.training.config import TrainConfig
+    _tag_store(tmp_path)
+    mopt = {"width": 4, "depth": 2, "rnn_hidden": 4}
+    cfg = TrainConfig(features=str(tmp_path / "f.h5"), labels=str(tmp_path / "t.h5"), outdir=str(tmp_path / "r"),
+                      epochs=3, batch_size=8, lr=1e-2, model_options=mopt, top_k=2, valid_fraction=0.25,
+                      lr_schedule="constant", warmup_epochs=0, ema=0.5, progress=False)
+    s = weak.train_when_who(cfg, mode="joint")
+    assert s["clips"] == 18 and s["valid_clips"] == 6
+    log = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3] and all("val_mAP" in r and "loss_joint" in r for r in log)
+    assert all(r["lr"] == pytest.approx(1e-2) for r in log)  # --lr-schedule constant is used
+    for name in ("best.pt", "last.pt", "averaged.pt"):
+        assert (tmp_path / "r" / name).exists()
+    # --resume checks the run's settings like train does
+    import dataclasses
+
+    from pllcli.errors import ConfigMismatchError
+    with pytest.raises(ConfigMismatchError, match="differing: lr"):
+        weak.train_when_who(dataclasses.replace(cfg, lr=0.5, resume=str(tmp_path / "r")), mode="joint")
+    with pytest.raises(UsageError, match=r"--when-who does not use --augment, --sampler, --max-frames"):
+        weak.check_when_who_flags(dataclasses.replace(cfg, augment={"gain_db": 1.0}, sampler="hnh", max_frames=50))

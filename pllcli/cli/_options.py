@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Iterable, Optional
 
 import typer
 
 JsonOut = Annotated[Optional[str], typer.Option(
     "--json", metavar="FILE", help="Also write the figures as JSON to FILE ('-' for stdout).")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+# every command gives --device the default "auto" (tests/test_cli_grammar.py checks it)
+Device = Annotated[str, typer.Option("--device", help="auto (a GPU when there is one), cpu, cuda or cuda:N.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 Jobs = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Parallel worker processes.")]
 Shard = Annotated[Optional[str], typer.Option(
@@ -20,3 +21,40 @@ FeatureStorePath = Annotated[Path, typer.Argument(metavar="FEATURES", help="Feat
 CheckpointPath = Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Checkpoint file (.pt).")]
 Output = Annotated[Path, typer.Option("--output", "-o", metavar="PATH", help="Output file.")]
 OutputDir = Annotated[Path, typer.Option("--output", "-o", metavar="DIR", help="Output folder.")]
+
+
+def _label_store_path(value: Optional[Path]) -> Optional[Path]:
+    if value is not None and str(value).startswith("-"):  # `--restrict-candidates -o out.h5`: the old flag
+        raise typer.BadParameter(f"takes a label store path (it is no longer a flag), got {str(value)!r}")
+    return value
+
+
+RestrictCandidates = Annotated[Optional[Path], typer.Option(
+    "--restrict-candidates", metavar="LABELS", callback=_label_store_path,
+    help="Label store: restrict each item to its candidate set (items without one are unrestricted).")]
+
+
+def name_completer(names: Callable[[], Iterable[str]]) -> Callable[[str], list[str]]:
+    """A typer `autocompletion=` for NAME[:k=v] values: TAB offers the names from `names()`
+    (called lazily, on TAB only, so it may import the library)."""
+    def complete(incomplete: str) -> list[str]:
+        return [n for n in sorted(names()) if n.startswith(incomplete)]
+    return complete
+
+
+def output_or_positional(output: Optional[Path], positional: Optional[Path], command: str,
+                         default: Optional[Path] = None) -> Path:
+    """-o/--output, or the deprecated positional spelling of the output (warning on stderr), or
+    `default`; UsageError when both or (without a default) neither are given."""
+    import sys
+
+    from pllcli.errors import UsageError
+    if output is not None and positional is not None:
+        raise UsageError(f"give the output once: -o {output} (the positional {positional} is its deprecated "
+                         "spelling)")
+    if positional is not None:
+        print(f"warning: the positional output of {command} is deprecated; use -o/--output", file=sys.stderr)
+        return positional
+    if output is None and default is None:
+        raise UsageError(f"missing option -o/--output (see 'pllcli {command} -h')")
+    return output if output is not None else default

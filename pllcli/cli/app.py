@@ -23,17 +23,52 @@ COMMAND_MODULES = [
 ]
 
 
+def _untyped_flags(params):
+    """--help without raw type names: flags and counters show no `<bool>`/`<int>`; a repeatable
+    option without a metavar shows its NAME, a variadic argument no `<list[Path]>`."""
+    for p in params:
+        if (getattr(p, "is_flag", False) or getattr(p, "count", False)) and p.metavar is None:
+            p.metavar = ""
+        elif p.type_descriptor.is_list:
+            if p.param_type_name == "argument":
+                p.display_type_rich = lambda ctx: None  # its metavar already says PATH...
+            elif p.metavar is None:
+                p.metavar = p.name.upper()
+    return params
+
+
+class PllcliCommand(typer.core.TyperCommand):
+    """A command whose --help shows flags without a value type."""
+
+    def get_params(self, ctx):
+        return _untyped_flags(super().get_params(ctx))
+
+
+class PllcliGroup(typer.core.TyperGroup):
+    def get_params(self, ctx):
+        return _untyped_flags(super().get_params(ctx))
+
+
+class PllcliTyper(typer.Typer):
+    """Typer whose commands are `PllcliCommand`s unless a module asks for another class."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or PllcliCommand, **kwargs)
+
+
 def typer_factory(**kwargs) -> typer.Typer:
-    """A Typer app with the project's shared settings."""
+    """A Typer app with the project's shared settings. Completion: the scripts in completions/
+    (one way; typer's --install-completion is off)."""
     defaults = dict(
+        cls=PllcliGroup,
         no_args_is_help=True,
-        add_completion=True,
+        add_completion=False,
         pretty_exceptions_enable=False,
         rich_markup_mode="rich",
         context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     )
     defaults.update(kwargs)
-    return typer.Typer(**defaults)
+    return PllcliTyper(**defaults)
 
 
 app = typer_factory(help="Train audio classifiers from ambiguous labels: candidate sets, "
@@ -60,19 +95,18 @@ def _main(
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
 
 
-for _name in COMMAND_MODULES:
-    try:
-        _mod = importlib.import_module(f"pllcli.cli.{_name}")
-    except ModuleNotFoundError as _e:  # a command module not written yet
-        if _e.name != f"pllcli.cli.{_name}":
-            raise
-        continue
-    _mod.register(app)
+for _name in COMMAND_MODULES:  # a module that fails to import fails the app, loudly
+    importlib.import_module(f"pllcli.cli.{_name}").register(app)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and map exceptions to exit codes."""
+    import os
+
     from pllcli.cli.errors import run_app
+    if os.environ.get("_PLLCLI_COMPLETE"):  # a TAB from completions/: typer registers its shells
+        from typer._completion_classes import completion_init  # only with add_completion, so here
+        completion_init()
     code = run_app(app, argv)
     if _torchrun_rank():
         _exit_now(code)

@@ -1,6 +1,7 @@
 """`pllcli demo`: run the whole pipeline on an embedded synthetic voice-message corpus."""
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,9 +10,21 @@ import typer
 from pllcli.cli._options import JsonOut, Seed
 
 
+class Size(str, Enum):
+    default = "default"
+    small = "small"
+    tiny = "tiny"
+
+
 def demo(
-    outdir: Annotated[Path, typer.Argument(metavar="[DIR]", help="Working folder (created).")] = Path("pllcli-demo"),
-    size: Annotated[str, typer.Option("--size", help="default (~3-5 min on 2 cores), small or tiny.")] = "default",
+    outdir_pos: Annotated[Optional[Path], typer.Argument(
+        metavar="[DIR]", hidden=True, help="Deprecated: the working folder; use -o/--output.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "-o", "--output", metavar="DIR", help="Working folder (created; default: runs/demo).")] = None,
+    size: Annotated[Size, typer.Option("--size", help="Corpus size and epochs; wall time on 2 CPU cores, free "
+                                       "to shared with other jobs: default (1,500 messages, 12 epochs, two "
+                                       "trainings) 2-16 min; small (500, 10 epochs) 2-5 min; tiny (120, 2 "
+                                       "epochs) 1-4 min.")] = Size.default,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Override the training epochs.")] = None,
     seed: Seed = 0,
     json_out: JsonOut = None,
@@ -21,10 +34,13 @@ def demo(
     from rich.console import Console
     from rich.table import Table
 
+    from pllcli.cli._options import output_or_positional
+    from pllcli.cli._state import settings
     from pllcli.demo import run_demo
     from pllcli.io import write_json
 
-    res = run_demo(outdir, size=size, epochs=epochs, seed=seed)
+    outdir = output_or_positional(output, outdir_pos, "demo", default=Path("runs/demo"))
+    res = run_demo(outdir, size=size.value, epochs=epochs, seed=seed, quiet=settings.verbosity < 0)
     f = res.figures
     console = Console(stderr=json_out == "-")
     t = Table(title="pllcli demo: voice messages with chat candidates")

@@ -47,6 +47,18 @@ def format_error(exc: BaseException) -> tuple[str, int]:
     return f"internal error ({name}{': ' + msg if msg else ''}); rerun with --debug for the traceback", EXIT_FAILURE
 
 
+def usage_error_line(exc: BaseException) -> str:
+    """A click/typer usage error in pllcli's own style: `error: <lowercase message> (see 'CMD -h')`,
+    one line."""
+    fmt = getattr(exc, "format_message", None)
+    msg = " ".join(str(fmt() if fmt else exc).split()).rstrip(".").replace(": Value error, ", ": ")
+    if msg[:1].isupper() and not msg[1:2].isupper():
+        msg = msg[0].lower() + msg[1:]
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
+    return f"error: {msg or type(exc).__name__}{hint}"
+
+
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
     """Run a Typer app in non-standalone mode; return the exit code."""
     command = typer.main.get_command(app)
@@ -74,10 +86,10 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except _CliException as e:
-        if hasattr(e, "show"):
+        if type(e).__name__ == "NoArgsIsHelpError":  # `pllcli` alone: the help is the answer
             e.show(file=sys.stderr)
-        else:  # pragma: no cover
-            print(f"error: {e}", file=sys.stderr)
+        else:
+            print(usage_error_line(e), file=sys.stderr)
         return e.exit_code if e.exit_code else EXIT_USAGE
     except BrokenPipeError:
         return 0

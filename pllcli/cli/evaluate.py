@@ -8,49 +8,66 @@ import typer
 
 from pllcli.cli._options import BatchSize, Device, JsonOut
 
+_SED = "Sound events (strong truth)"
+
 
 def evaluate_cmd(
     inputs: Annotated[List[Path], typer.Argument(
         metavar="[CHECKPOINT FEATURES] TRUTH",
         help="A checkpoint and a feature store followed by the ground truth, or only the ground "
-             "truth with --predictions. Truth: a label store (.h5), a CSV/TSV id,label (labels joined "
-             "by ';' for multi-label) or a strong-event TSV id,onset,offset,label.")],
+             "truth with --predictions / --frame-scores. Truth: a label store (.h5), a CSV/TSV id,label "
+             "(labels joined by ';' for multi-label) or a strong-event TSV id,onset,offset,label.")],
     predictions: Annotated[Optional[Path], typer.Option(
-        "--predictions", "-p", help="Score a predictions file instead of a model: CSV/TSV/JSONL with "
-        "'id' plus one probability column per class, or rows 'id,label,prob' (top-k).")] = None,
+        "--predictions", metavar="FILE", help="Score a predictions file instead of a model: CSV/TSV/JSONL "
+        "with 'id' plus one probability column per class, or rows 'id,label,prob' (top-k).")] = None,
+    frame_scores: Annotated[Optional[Path], typer.Option(
+        "--frame-scores", metavar="PATH", help="Frame scores of `pllcli predict --frame-scores` (a folder of "
+        "<id>.tsv in the sed_scores_eval layout, or one TSV with an id column): PSDS, frame and event "
+        "metrics; alone, a clip's score is its highest frame score.", rich_help_panel=_SED)] = None,
     events: Annotated[Optional[Path], typer.Option(
-        "--events", help="Estimated events TSV id,onset,offset,label for segment/event F1.")] = None,
+        "--events", metavar="FILE", help="Estimated events TSV id,onset,offset,label for segment / "
+        "collar / intersection F1.", rich_help_panel=_SED)] = None,
     candidates: Annotated[Optional[Path], typer.Option(
-        "--candidates", help="Label store whose candidate sets are scored against the truth "
-        "(PLL coverage and disambiguation accuracy).")] = None,
+        "--candidates", metavar="LABELS", help="Label store whose candidate sets are scored against the "
+        "truth (PLL coverage and disambiguation accuracy).")] = None,
     json_out: JsonOut = None,
     plots: Annotated[Optional[Path], typer.Option(
-        "--plots", metavar="DIR", help="Write PNGs (confusion matrix, PR curves, reliability, "
-        "training curves) to DIR; needs matplotlib (pip install 'pllcli[plots]').")] = None,
+        "--plots", metavar="DIR", help="Write PNGs (confusion matrix, PR curves, reliability, PSD-ROC, "
+        "per-class F1, training curves) to DIR; needs matplotlib: pip install 'pllcli\\[plots]'.")] = None,
     train_log: Annotated[Optional[Path], typer.Option(
-        "--train-log", help="Training log (log.jsonl of `pllcli train`) for the training-curve plot.")] = None,
+        "--train-log", metavar="FILE",
+        help="Training log (log.jsonl of `pllcli train`) for the training-curve plot.")] = None,
     threshold: Annotated[float, typer.Option(
-        "--threshold", min=0.0, max=1.0, help="Decision threshold for multi-label / frame F1.")] = 0.5,
-    collar: Annotated[float, typer.Option("--collar", min=0.0, help="Event-based onset collar (s).")] = 0.2,
+        "--threshold", min=0.0, max=1.0, help="Decision threshold for multi-label, frame and event F1.")] = 0.5,
+    collar: Annotated[str, typer.Option(
+        "--collar", metavar="DURATION", help="Event-based onset / offset collar (e.g. 200ms, 0.2).",
+        rich_help_panel=_SED)] = "200ms",
     offset_pct: Annotated[float, typer.Option(
-        "--offset-pct", min=0.0, help="Event-based offset collar as a share of the event length.")] = 0.5,
-    segment: Annotated[float, typer.Option(
-        "--segment", min=1e-3, help="Segment length (s) for segment-based F1.")] = 1.0,
+        "--offset-pct", min=0.0, help="Event-based offset collar: at least this share of the event length.",
+        rich_help_panel=_SED)] = 0.2,
+    segment: Annotated[str, typer.Option(
+        "--segment", metavar="DURATION", help="Segment length for segment-based F1 (e.g. 1s, 500ms).",
+        rich_help_panel=_SED)] = "1s",
+    median: Annotated[str, typer.Option(
+        "--median", metavar="N|DURATION", help="Median filter on frame scores before decoding events and PSDS: "
+        "N frames (odd integer) or a duration (450ms) rounded to an odd number of frames.",
+        rich_help_panel=_SED)] = "1",
     bins: Annotated[int, typer.Option("--bins", min=2, help="Confidence bins for ECE.")] = 15,
-    chunk: Annotated[Optional[float], typer.Option(
-        "--chunk", min=0.0, help="Average clip scores over chunks of this many seconds (default: the "
+    chunk: Annotated[Optional[str], typer.Option(
+        "--chunk", metavar="DURATION", help="Average clip scores over chunks of this length (default: the "
         "checkpoint's segment length if it was trained with --segment-labels; 0 = whole clips).")] = None,
     batch_size: BatchSize = 32,
-    device: Device = "cpu",
+    device: Device = "auto",
 ):
     """Score a model or a predictions file against ground truth: clip metrics (accuracy, F1,
-    ECE / mAP, lwlrap, AUC, d'), PLL metrics, frame/segment/event F1 for strong truth."""
+    ECE / mAP, lwlrap, AUC, d'), PLL metrics; for strong truth frame, segment, collar and
+    intersection F1 and PSDS1 / PSDS2 (sed_scores_eval, pip install 'pllcli\\[sed]')."""
     from pllcli.errors import UsageError
     from pllcli.evaluate import evaluate, make_plots, render
-    from pllcli.io import write_json
-    if predictions is not None:
+    from pllcli.io import parse_duration, write_json
+    if predictions is not None or frame_scores is not None:
         if len(inputs) != 1:
-            raise UsageError("with --predictions give only the ground truth as argument")
+            raise UsageError("with --predictions or --frame-scores give only the ground truth as argument")
         ckpt = feats = None
         truth = inputs[0]
     else:
@@ -59,16 +76,22 @@ def evaluate_cmd(
         ckpt, feats, truth = inputs
     if train_log is not None and plots is None:
         raise UsageError("--train-log is used for --plots; give --plots DIR too")
-    result = evaluate(truth, checkpoint=ckpt, features=feats, predictions=predictions,
+    chunk_s = None if chunk is None else (0.0 if chunk.strip() in ("0", "0s") else parse_duration(chunk, "--chunk"))
+    result = evaluate(truth, checkpoint=ckpt, features=feats, predictions=predictions, frame_scores=frame_scores,
                       estimated_events=events, candidates=candidates, batch_size=batch_size, device=device,
-                      threshold=threshold, t_collar=collar, percentage_of_length=offset_pct,
-                      segment_resolution=segment, n_bins=bins, chunk=chunk)
+                      threshold=threshold, t_collar=parse_duration(collar, "--collar"),
+                      percentage_of_length=offset_pct, segment_resolution=parse_duration(segment, "--segment"),
+                      n_bins=bins, chunk=chunk_s, median=median)
     if plots is not None:
         result.report["plots"] = make_plots(result, plots, train_log)
     if json_out != "-":
         from rich.console import Console
         render(result, Console(width=110))
     write_json(result.report, json_out)
+    written = [p for p in [json_out if json_out not in (None, "-") else None, *result.report.get("plots", [])] if p]
+    if written:
+        import sys
+        print("wrote " + ", ".join(map(str, written)), file=sys.stderr if json_out == "-" else sys.stdout)
 
 
 def register(app: typer.Typer) -> None:

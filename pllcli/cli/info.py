@@ -1,7 +1,7 @@
 """`pllcli info PATH`: describe a feature store, label store or checkpoint."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -41,27 +41,19 @@ def _describe(path: str) -> tuple[str, dict]:
         raise InputError("is a directory", path)
     import h5py
     if h5py.is_hdf5(str(p)):
-        from pllcli.features.store import FORMAT, read_format
+        from pllcli.features.store import FORMAT, LABEL_FORMAT, read_format
         fmt = read_format(path)
         if fmt == FORMAT:
             return "feature store", describe_feature_store(path)
-        if fmt == "pllcli-labels":
-            try:
-                from pllcli.labels.store import describe
-            except ImportError:
-                raise InputError("describing label stores needs pllcli.labels.store.describe, which this "
-                                 "pllcli does not have", path, field="format") from None
+        if fmt == LABEL_FORMAT:
+            from pllcli.labels.store import describe
             return "label store", describe(path)
-        raise InputError(f"HDF5 file of unknown format {fmt!r} (known: {FORMAT}, pllcli-labels)", path,
+        raise InputError(f"HDF5 file of unknown format {fmt!r} (known: {FORMAT}, {LABEL_FORMAT})", path,
                          field="format")
     with open(p, "rb") as f:
         head = f.read(4)
     if p.suffix in (".pt", ".pth", ".ckpt") or head[:2] == b"PK":
-        try:
-            from pllcli.checkpoint import describe as ck_describe
-        except ImportError:
-            raise InputError("describing checkpoints needs pllcli.checkpoint.describe, which this pllcli "
-                             "does not have", path) from None
+        from pllcli.checkpoint import describe as ck_describe
         return "checkpoint", ck_describe(path)
     raise InputError("not a pllcli feature store, label store or checkpoint", path)
 
@@ -83,14 +75,17 @@ def _flat(d: dict, prefix: str = "") -> list[tuple[str, str]]:
 
 def info_cmd(
     path: Annotated[str, typer.Argument(metavar="PATH", help="Feature store, label store (.h5) or checkpoint (.pt).")],
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")] = False,
+    json_out: Annotated[Optional[str], typer.Option("--json", metavar="FILE", help=(
+        "Write the description as JSON to FILE; '-' prints it on stdout instead of the table "
+        "(the old bare --json flag is now --json -)."))] = None,
 ):
     """Describe a store or checkpoint: counts, durations, feature config, frame-length statistics."""
     from pllcli.io import write_json
     kind, d = _describe(path)
-    if json_out:
-        write_json({"kind": kind, **d}, "-")
-        return
+    if json_out is not None:
+        write_json({"kind": kind, **d}, json_out)
+        if json_out == "-":
+            return
     from rich.console import Console
     from rich.table import Table
     t = Table(title=f"{path} ({kind})", show_header=False)

@@ -1,26 +1,32 @@
-"""`pllcli merge OUT PART...`: combine shards of a store into one."""
+"""`pllcli merge PART... -o OUT`: combine shards of a store into one."""
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
-from pllcli.cli._options import Overwrite
+from pllcli.cli._options import Overwrite, output_or_positional
 
 
 def merge_cmd(
-    output: Annotated[str, typer.Argument(metavar="OUT", help="Store to write (.h5).")],
     parts: Annotated[list[str], typer.Argument(metavar="PART...", help=(
         "Stores to combine, all of one format (feature stores or label stores). Feature stores written "
-        "with --shard I/N are put in shard order, giving the same store as a single run."))],
+        "with --shard I/N are put in shard order, giving the same store as a single run. (Without -o, "
+        "the first is taken as the output: the deprecated `merge OUT PART...`.)"))],
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", metavar="PATH", help="Store to write (.h5); required.")] = None,
     overwrite: Overwrite = False,
 ):
     """Merge feature stores (or label stores) made by sharded runs into one store."""
-    import logging
-    from pathlib import Path
-
+    from pllcli.cli._state import settings
     from pllcli.errors import InputError, UsageError
-    from pllcli.features.store import FORMAT, read_format
+    from pllcli.features.store import FORMAT, LABEL_FORMAT, read_format
+
+    legacy = None
+    if output is None and len(parts) >= 2:
+        legacy, parts = Path(parts[0]), parts[1:]
+    output = str(output_or_positional(output, legacy, "merge"))
 
     if Path(output).exists() and not overwrite:
         raise UsageError(f"{output} already exists; pass --overwrite to replace it")
@@ -36,19 +42,16 @@ def merge_cmd(
         from pllcli.features.store import FeatureStore, merge_feature_stores
         merge_feature_stores(output, parts)
         with FeatureStore(output) as fs:
-            logging.getLogger("pllcli.merge").info(
-                "merged %d stores: %d items, %.1f s audio -> %s", len(parts), len(fs), fs.total_duration(), output)
-    elif fmt == "pllcli-labels":
-        try:
-            from pllcli.labels.store import merge_label_stores
-        except ImportError:
-            raise InputError("merging label stores needs pllcli.labels.store.merge_label_stores, "
-                             "which this pllcli does not have", parts[0], field="format") from None
+            msg = f"merged {len(parts)} stores: {len(fs)} items, {fs.total_duration():.1f} s audio -> {output}"
+    elif fmt == LABEL_FORMAT:
+        from pllcli.labels.store import merge_label_stores
         merge_label_stores(output, parts)
-        logging.getLogger("pllcli.merge").info("merged %d label stores -> %s", len(parts), output)
+        msg = f"merged {len(parts)} label stores -> {output}"
     else:
-        raise InputError(f"cannot merge files of format {fmt!r} (known: {FORMAT}, pllcli-labels)",
+        raise InputError(f"cannot merge files of format {fmt!r} (known: {FORMAT}, {LABEL_FORMAT})",
                          parts[0], field="format")
+    if settings.verbosity >= 0:
+        print(msg)
 
 
 def register(app: typer.Typer) -> None:

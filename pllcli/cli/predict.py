@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pllcli.cli._options import BatchSize, CheckpointPath, Device, JsonOut
+from pllcli.cli._options import BatchSize, CheckpointPath, Device, JsonOut, RestrictCandidates
 
 _EV = "Frame-level outputs"
 
@@ -16,38 +16,125 @@ def predict_cmd(
     features: Annotated[str, typer.Argument(
         metavar="FEATURES", help="Feature store (.h5), or audio featurized with the checkpoint's feature "
         "config: one file, a folder, a manifest (CSV/TSV/JSONL with id,path) or '-' (manifest on stdin).")],
-    out: Annotated[str, typer.Option("-o", "--out", help="Output .csv, .tsv or .jsonl ('-' = CSV on stdout).")] = "-",
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels per item.")] = 1,
-    restrict_candidates: Annotated[Optional[Path], typer.Option(
-        "--restrict-candidates", help="Label store: restrict each item to its candidate set "
-                                      "(disambiguates training data).")] = None,
+    output: Annotated[str, typer.Option(
+        "-o", "--output", metavar="PATH", help="Predictions: .csv, .tsv or .jsonl ('-' = CSV on stdout).")] = "-",
+    top_k: Annotated[int, typer.Option("--top-k", "-k", metavar="K", min=1, help="Labels per item.")] = 1,
+    restrict_candidates: RestrictCandidates = None,
+    skip_bad: Annotated[bool, typer.Option(
+        "--skip-bad", help="Leave out items whose features contain NaN/inf (counted on stderr and in "
+                           "--json) instead of failing.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an existing output that is not a predictions table.")] = False,
+    out_old: Annotated[Optional[str], typer.Option("--out", hidden=True, help="Deprecated: use -o/--output.")] = None,
     events: Annotated[Optional[str], typer.Option(
         "--events", metavar="FILE", help="Frame-level models: write thresholded events (id onset offset "
                                          "label) as TSV ('-' = stdout).", rich_help_panel=_EV)] = None,
     frame_scores: Annotated[Optional[str], typer.Option(
-        "--frame-scores", metavar="FILE", help="Frame-level models: write per-frame class probabilities "
-                                               "as TSV.", rich_help_panel=_EV)] = None,
-    threshold: Annotated[float, typer.Option("--threshold", help="Event threshold on frame probability.",
-                                             rich_help_panel=_EV)] = 0.5,
-    median: Annotated[int, typer.Option("--median", min=1, help="Median filter length in frames (odd).",
-                                        rich_help_panel=_EV)] = 1,
-    min_duration: Annotated[float, typer.Option("--min-duration", min=0.0, help="Drop events shorter than "
-                                                "this (seconds).", rich_help_panel=_EV)] = 0.0,
-    chunk: Annotated[Optional[float], typer.Option(
-        "--chunk", min=0.0, help="Average clip scores over chunks of this many seconds (default: the "
-        "checkpoint's segment length if it was trained with --segment-labels; 0 = whole clips).")] = None,
+        "--frame-scores", metavar="PATH", help="Frame-level models: write per-frame class probabilities: a "
+        "folder of <id>.tsv score files (onset, offset, one column per class; the sed_scores_eval layout "
+        "DCASE tools read), or one table with an id column for a PATH ending in .tsv.",
+        rich_help_panel=_EV)] = None,
+    threshold: Annotated[str, typer.Option(
+        "--threshold", metavar="T|CLASS=T,...", help="Event threshold on frame probability: one value, or "
+        "per class (dog=0.3,cat=0.6, with an optional default first: 0.5,dog=0.3).", rich_help_panel=_EV)] = "0.5",
+    low: Annotated[Optional[str], typer.Option(
+        "--low", metavar="T|CLASS=T,...", help="Hysteresis: an event starts at --threshold and lasts while the "
+        "probability stays >= this (same forms as --threshold).", rich_help_panel=_EV)] = None,
+    median: Annotated[str, typer.Option(
+        "--median", metavar="N|DURATION", help="Median filter: N frames (odd integer), or a duration (450ms, "
+        "0.45s) rounded to an odd number of frames.", rich_help_panel=_EV)] = "1",
+    min_duration: Annotated[str, typer.Option(
+        "--min-duration", metavar="DURATION", help="Drop events shorter than this (200ms, 0.2 or 0 = keep all).",
+        rich_help_panel=_EV)] = "0",
+    min_gap: Annotated[str, typer.Option(
+        "--min-gap", metavar="DURATION", help="Merge events of one class separated by less than this "
+        "(100ms, 0.1 or 0 = never).", rich_help_panel=_EV)] = "0",
+    tune_labels: Annotated[Optional[Path], typer.Option(
+        "--tune-labels", metavar="LABELS", help="Pick each class's threshold for the best event F1 on these "
+        "strong labels (label store or id,onset,offset,label TSV) of --tune-features.", rich_help_panel=_EV)] = None,
+    tune_features: Annotated[Optional[Path], typer.Option(
+        "--tune-features", metavar="FEATURES", help="Validation feature store for --tune-labels.",
+        rich_help_panel=_EV)] = None,
+    segment_classes: Annotated[bool, typer.Option(
+        "--segment-classes", help="WHEN/WHO checkpoints: each detected segment gets the one tag WHO scores "
+        "highest on that segment (default: every likely tag of the clip).", rich_help_panel=_EV)] = False,
+    chunk: Annotated[Optional[str], typer.Option(
+        "--chunk", metavar="DURATION", help="Average clip scores over chunks of this length (2s, 500ms or "
+        "seconds; default: the checkpoint's segment length if it was trained with --segment-labels; "
+        "0 = whole clips).")] = None,
     device: Device = "auto",
     batch_size: BatchSize = 64,
     json_out: JsonOut = None,
 ):
     """Predict labels for a feature store or audio files with a trained checkpoint (and events for
     frame-level models)."""
+    import sys
+
     from pllcli.io import write_json
     from pllcli.predict import predict
-    summary = predict(checkpoint, features, out, top_k, restrict_candidates, device, batch_size,
+    if out_old is not None:
+        if output != "-":
+            from pllcli.errors import UsageError
+            raise UsageError("give only -o/--output (--out is its deprecated spelling)")
+        print("warning: --out is deprecated; use -o/--output", file=sys.stderr)
+        output = out_old
+    if output == "-" and json_out == "-":
+        from pllcli.errors import UsageError
+        raise UsageError("the predictions go to stdout (-o -): give --json a file, or -o a file")
+    summary = predict(checkpoint, features, output, top_k, restrict_candidates, device, batch_size,
                       events=events, frame_scores=frame_scores, threshold=threshold, median=median,
-                      min_duration=min_duration, chunk=chunk)
+                      min_duration=_seconds_or_zero(min_duration, "--min-duration"), chunk=_chunk_seconds(chunk),
+                      skip_bad=skip_bad, overwrite=overwrite, json_out=json_out,
+                      decode=_decode_options(low, min_gap, tune_labels, tune_features, events, segment_classes))
     write_json(summary, json_out)
+    _report_written(summary, output, json_out, events, frame_scores)
+
+
+def _chunk_seconds(spec: Optional[str]) -> Optional[float]:
+    """--chunk: None (checkpoint default), 0 (whole clips) or a duration in seconds."""
+    if spec is None:
+        return None
+    try:
+        if float(spec) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    from pllcli.io import parse_duration
+    return parse_duration(spec, "--chunk")
+
+
+def _seconds_or_zero(spec: str, option: str) -> float:
+    """A duration in seconds, with 0 allowed (= off)."""
+    try:
+        if float(spec) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    from pllcli.io import parse_duration
+    return parse_duration(spec, option)
+
+
+def _decode_options(low, min_gap, tune_labels, tune_features, events, segment_classes=False) -> dict:
+    """The event-decoding options beyond threshold / median / min-duration, for `predict(decode=)`."""
+    from pllcli.errors import UsageError
+    if (tune_labels is None) != (tune_features is None):
+        raise UsageError("--tune-labels and --tune-features go together")
+    if tune_labels is not None and events is None:
+        raise UsageError("--tune-labels tunes event thresholds; give --events FILE too")
+    return {"low": low, "min_gap": _seconds_or_zero(min_gap, "--min-gap"), "segment_classes": segment_classes,
+            "tune": None if tune_labels is None else (tune_features, tune_labels)}
+
+
+def _report_written(summary: dict, output: str, json_out, events, frame_scores) -> None:
+    """What predict wrote: on stdout, or on stderr when stdout carries data."""
+    import sys
+    to_stdout = "-" not in (output, json_out, events, frame_scores)
+    stream = sys.stdout if to_stdout else sys.stderr
+    skipped = len(summary.get("skipped_bad", []))
+    written = [f"{summary['items']} predictions to {'stdout' if output == '-' else output}"]
+    written += [f"{what} to {'stdout' if p == '-' else p}" for what, p in
+                (("events", events), ("frame scores", frame_scores), ("figures", json_out)) if p is not None]
+    print("wrote " + ", ".join(written) + (f" ({skipped} item(s) skipped)" if skipped else ""), file=stream)
 
 
 def register(app):

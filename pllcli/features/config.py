@@ -168,6 +168,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_PRESET = "speech8k"
 
 
+def config_from_options(preset: str, **overrides) -> FeatureConfig:
+    """The preset with featurize's command-line overrides (None = keep the preset's), where an
+    override implies others: an fbank window sets n_fft to its next power of two, and a lower
+    sample rate pulls the preset's fmax down to Nyquist."""
+    base = FeatureConfig.preset(preset)
+    o = {k: v for k, v in overrides.items() if v is not None}
+    if o.get("frontend", base.frontend) == "fbank" and "n_fft" not in o and ("win_length" in o or "frontend" in o):
+        o["n_fft"] = _pow2(o.get("win_length", base.win_length))
+    sr = o.get("sample_rate")
+    if sr is not None and "fmax" not in o and base.fmax > sr / 2:
+        o["fmax"] = sr / 2
+    return FeatureConfig.preset(preset, **o)
+
+
 def _as_dict(c: "dict | FeatureConfig | str") -> dict[str, Any]:
     if isinstance(c, FeatureConfig):
         return c.to_dict()

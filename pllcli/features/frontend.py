@@ -12,18 +12,34 @@ needs no torchaudio at run time. Framing is snip-edges (see `pllcli.features.con
 from __future__ import annotations
 
 import sys
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from pllcli.features.config import FeatureConfig
+
+class FrontendConfig(Protocol):
+    """The fields of `pllcli.features.config.FeatureConfig` a frontend reads (this module does not
+    import it: config builds frontends, so config -> frontend is the one direction)."""
+    frontend: str
+    sample_rate: int
+    n_fft: int
+    win_length: int
+    hop_length: int
+    n_mels: int
+    fmin: float
+    fmax: float
+    log_offset: float
+
+    @property
+    def fmax_hz(self) -> float: ...
 
 
 def _exporting() -> bool:
     """True while torch.onnx / torch.jit tracing / torch.export captures the graph.
 
     torch.onnx is looked up in sys.modules, not imported: an ONNX export can only be running
-    if it is imported already, and importing it here costs ~0.05 s per process.
+    if it is imported already, and importing it here would cost every process.
     """
     onnx = sys.modules.get("torch.onnx")
     checks = (getattr(onnx, "is_in_onnx_export", None), getattr(torch.jit, "is_tracing", None),
@@ -42,7 +58,7 @@ def _dft_basis(n_fft: int, n: int, window: torch.Tensor) -> torch.Tensor:
 
 def _power_of(spec: torch.Tensor) -> torch.Tensor:
     """|spec|^2 as re*re + im*im (not abs(): hypot rounds differently), squaring in place on
-    the FFT output: the same numbers as spec.real.square() + spec.imag.square(), ~30% faster."""
+    the FFT output: the same numbers as spec.real.square() + spec.imag.square(), with fewer temporaries."""
     if spec.requires_grad:  # no in-place op on a tensor autograd tracks
         return spec.real.square() + spec.imag.square()
     ri = torch.view_as_real(spec).square_()
@@ -55,7 +71,7 @@ class LogMel(nn.Module):
     forward(waveform (B, S)) -> (B, T, n_mels) with T = config.num_frames(S).
     """
 
-    def __init__(self, config: FeatureConfig):
+    def __init__(self, config: FrontendConfig):
         super().__init__()
         import torchaudio.functional as AF
         c = config
@@ -119,7 +135,7 @@ class KaldiFbank(nn.Module):
 
     preemph = 0.97
 
-    def __init__(self, config: FeatureConfig):
+    def __init__(self, config: FrontendConfig):
         super().__init__()
         from torchaudio.compliance.kaldi import get_mel_banks
         c = config
@@ -168,7 +184,7 @@ class KaldiFbank(nn.Module):
         return self.mel(self.power(waveform))
 
 
-def build_frontend(config: FeatureConfig) -> nn.Module:
+def build_frontend(config: FrontendConfig) -> nn.Module:
     """The frontend module for `config` (eval mode)."""
     mod = LogMel(config) if config.frontend == "logmel" else KaldiFbank(config)
     return mod.eval()

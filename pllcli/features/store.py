@@ -18,10 +18,11 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from pllcli.errors import ConfigMismatchError, InputError
-from pllcli.features.config import FeatureConfig
+from pllcli.errors import ConfigMismatchError, InputError, UsageError
+from pllcli.features.config import FeatureConfig, check_compatible
 
 FORMAT = "pllcli-features"
+LABEL_FORMAT = "pllcli-labels"    # the label store's format attr (pllcli.labels.store), named in errors
 FORMAT_VERSION = 1
 FEATURE_CHUNK_ROWS = 1024          # HDF5 chunk of `features`: 1024 frames x F (256 KiB at F=64 float32)
 COLUMN_ITEMS = 1024               # the writer's per-item columns are written this many items at a time
@@ -76,6 +77,8 @@ class FeatureStore:
         with open_h5(self.path, "feature store") as f:
             fmt = f.attrs.get("format")
             fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+            if fmt == LABEL_FORMAT:
+                raise InputError("this is a label store; pass it with --labels", self.path)
             if fmt != FORMAT:
                 raise InputError(f"not a pllcli feature store (format attr is {fmt!r}, expected {FORMAT!r})",
                                  self.path)
@@ -96,10 +99,18 @@ class FeatureStore:
             self.feature_dim = int(f["features"].shape[1])
             self.dtype = str(f["features"].dtype)
             n_rows = int(f["features"].shape[0])
+        if "feature_config" not in self.attrs:
+            raise InputError("feature store has no feature_config attr", self.path, field="feature_config")
         try:
-            self.config = FeatureConfig.from_dict(self.attrs["feature_config"])
-        except KeyError:
-            raise InputError("feature store has no feature_config attr", self.path, field="feature_config") from None
+            cfg = json.loads(self.attrs["feature_config"])
+            if not isinstance(cfg, dict):
+                raise ValueError("not a JSON object")
+        except (TypeError, ValueError):
+            raise InputError("corrupt feature_config attribute", self.path) from None
+        try:
+            self.config = FeatureConfig.from_dict(cfg)
+        except (ConfigMismatchError, UsageError) as e:
+            raise InputError(f"corrupt feature_config attribute ({e})", self.path) from None
         self.config_hash = str(self.attrs.get("feature_config_hash", self.config.hash()))
         n = len(self.ids)
         if len(self.offsets) != n + 1 or self.offsets[0] != 0 or self.offsets[-1] != n_rows \
@@ -233,7 +244,7 @@ def _create_new_h5(h5py, folder: Path, prefix: str):
 
     Not mkstemp + h5py "w": that reopens the existing empty file with O_TRUNC, and ext4
     (auto_da_alloc) then writes back all of the file's data when it is closed, which made
-    closing a 120 MB store take ~55 ms in featurize's serial tail instead of ~5 ms.
+    closing a large store slow in featurize's serial tail.
     """
     import secrets
     for _ in range(100):
@@ -316,7 +327,7 @@ class FeatureStoreWriter:
         """Append consecutive add_block argument tuples. Each block's features are written at
         once, in place (no concatenated copy); the per-item columns (ids, offsets, ...) are
         gathered and written COLUMN_ITEMS at a time (or at close): a small block then costs
-        one HDF5 write instead of ~8."""
+        one HDF5 write instead of one per column."""
         self.flush()
         d = self._ds["features"]
         for ids, feats, nf, durs, paths, meta in blocks:
@@ -397,8 +408,14 @@ class FeatureStoreWriter:
     def abort(self) -> None:
         if self.closed:
             return
-        with contextlib.suppress(Exception):
+        try:
             self.f.close()
+        except Exception:  # noqa: BLE001 - e.g. a full disk fails the flush: close the ids without it,
+            for ds in self._ds.values():  # or h5py reports "Exception ignored" when they are collected
+                with contextlib.suppress(Exception):
+                    ds.id.close()
+            with contextlib.suppress(Exception):
+                self.f.id.close()
         with contextlib.suppress(FileNotFoundError):
             self.tmp.unlink()
         self.closed = True
@@ -456,7 +473,6 @@ def merge_feature_stores(out: str | os.PathLike, parts: Sequence[str | os.PathLi
     first = stores[0]
     for p, s in zip(parts[1:], stores[1:]):
         if s.config_hash != first.config_hash:
-            from pllcli.features.config import check_compatible
             check_compatible(first.config, s.config, f"{p} vs {parts[0]}")
             raise ConfigMismatchError(f"{p}: feature config hash differs from {parts[0]}")
         if s.dtype != first.dtype:

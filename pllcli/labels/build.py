@@ -13,6 +13,7 @@ from pllcli.errors import InputError, UsageError
 from pllcli.io import Table
 from pllcli.labels.store import LabelData
 from pllcli.labels.text import natural_key, normalize_text, parse_time
+from pllcli.labels.weak_tags import split_tags
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +57,26 @@ def read_unlabeled_ids(path: str, known: Sequence[str], known_name: str) -> list
 
 def read_vocab(path: str) -> list[str]:
     """A class list: a table with a `label` (or `class`) column, or plain text, one per line."""
+    import os
+    if not os.path.isfile(path):
+        raise InputError("no such file", path)
     with open(path, "rb") as f:
         first = f.readline().decode("utf-8", "replace").strip()
     cols = [c.strip() for c in first.replace("\t", ",").split(",")]
     if "label" in cols or "class" in cols:
         t = Table(path)
         col = "label" if "label" in t.columns else "class"
-        return [row[col] for _, row in t if row[col]]
-    try:
-        text = open(path, encoding="utf-8").read()
-    except UnicodeDecodeError as e:
-        raise InputError(f"not valid UTF-8 (byte {e.start})", path) from None
-    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+        out = [row[col] for _, row in t if row[col]]
+    else:
+        try:
+            text = open(path, encoding="utf-8").read()
+        except UnicodeDecodeError as e:
+            raise InputError(f"not valid UTF-8 (byte {e.start})", path) from None
+        out = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not out:
+        raise InputError("empty vocabulary: no class names (give one per line, or a table with a "
+                         "label or class column)", path, field="vocab")
+    return out
 
 
 def read_clean(path: str) -> list[tuple[int, str, str]]:
@@ -130,6 +139,8 @@ def build_from_chat(voice_path: str, chat_path: str, opts: ChatOptions, clean_pa
             if s and s not in classes:
                 classes.append(s)
         vocab_mode = "closed"
+        if not classes:
+            raise InputError("no vocabulary entry is left after normalisation (--vocab)", field="vocab")
     else:
         classes = sorted((s for s, n in counts.items() if n >= opts.min_count), key=natural_key)
         vocab_mode = f"min-count {opts.min_count}"
@@ -320,7 +331,7 @@ def build_from_tags(tags_path: str | None, strong_path: str | None = None, durat
     if tags_path:
         tt = Table(tags_path, required=["id", "labels"])
         for ln, row in _read_ids(tt, seen):
-            labs = [x.strip() for x in row["labels"].split(";") if x.strip()]
+            labs = split_tags(row["labels"])
             if len(set(labs)) != len(labs):
                 raise InputError(f"repeated tag in {row['labels']!r}", tt.name, line=ln, field="labels")
             index[row["id"]] = len(ids)
@@ -469,7 +480,8 @@ def simulate(labels_path: str, *, q: float | None = None, k: int | None = None, 
             nz = int((p > 0).sum())
             if n_wrong > nz:  # not enough confusable classes: fill uniformly
                 p = (p + 1e-12) / (p + 1e-12).sum()
-            wrong = rng.choice(others, size=n_wrong, replace=False, p=p).tolist()
+            # one class: nothing to draw (numpy refuses an empty p)
+            wrong = rng.choice(others, size=n_wrong, replace=False, p=p).tolist() if len(others) else []
         else:
             pj = q * (p / p.max() if conf is not None and p.max() > 0 else np.ones(len(others)))
             wrong = others[rng.random(len(others)) < pj].tolist()

@@ -11,6 +11,7 @@ All sparse per-item data is CSR over classes: row i is
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Sequence
@@ -18,6 +19,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from pllcli.errors import InputError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "pllcli-labels"
 FORMAT_VERSION = 1
@@ -559,6 +562,30 @@ def align_ids(feature_ids: Sequence[str], label_ids: Sequence[str], *, allow_mis
         raise InputError(f"{len(missing)} of {len(out)} feature ids are not in the {what} "
                          f"(e.g. {ex})", field="ids")
     return out
+
+
+def cover_features(lab: LabelData, feature_ids: Sequence[str], where: str = "label store"
+                   ) -> tuple[LabelData, np.ndarray, int]:
+    """(labels, label_rows (N,) int64, added): `lab` extended so that it covers every feature id.
+
+    Feature ids missing from `lab` are appended as unlabeled items (no candidates, clean -1, no
+    tags or soft labels), so `label_rows[i]` is the row of `feature_ids[i]` in the returned
+    labels; `added` counts them (logged). `lab` itself is not changed; with nothing missing it
+    is returned as is. Raises InputError (naming `where`) when no feature id is in `lab`.
+    """
+    rows = align_ids(feature_ids, lab.ids, allow_missing=True, what=where)
+    missing = np.flatnonzero(rows < 0)
+    if len(missing) == 0:
+        return lab, rows, 0
+    if len(missing) == len(rows):
+        ex = ", ".join(repr(str(feature_ids[i])) for i in missing[:5])
+        raise InputError(f"none of the {len(rows)} feature ids are in the {where} (e.g. {ex})", field="ids")
+    extra = LabelData.new([str(feature_ids[i]) for i in missing], lab.classes, task=lab.task)
+    covered = merge_label_data([lab, extra], [where, "feature ids"])
+    covered.provenance = dict(lab.provenance)
+    rows[missing] = len(lab) + np.arange(len(missing))
+    log.info("%d of %d feature ids are not in the %s: treated as unlabeled", len(missing), len(rows), where)
+    return covered, rows, len(missing)
 
 
 def describe(path: str | os.PathLike) -> dict:

@@ -66,19 +66,10 @@ def parse_time(value: str, path: str, line: int, field: str = "time") -> float:
     return d.timestamp()
 
 
-_DUR = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|sec|m|min|h)?\s*$", re.I)
-
-
 def parse_duration(spec: str, option: str = "--window") -> float:
-    """'30s', '1.5m', '500ms', '2h' or a bare number of seconds -> seconds (> 0)."""
-    m = _DUR.match(str(spec))
-    if not m:
-        raise UsageError(f"{option}: cannot read {spec!r} as a duration (e.g. 30s, 1.5m, 500ms)")
-    x = float(m.group(1)) * {"ms": 1e-3, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, None: 1}[
-        (m.group(2) or "").lower() or None]
-    if x <= 0:
-        raise UsageError(f"{option} must be positive, got {spec!r}")
-    return x
+    """'30s', '1.5m', '500ms', '2h' or a bare number of seconds -> seconds (> 0): `pllcli.io.parse_duration`."""
+    from pllcli.io import parse_duration as parse
+    return parse(spec, option)
 
 
 def natural_key(s: str):

@@ -196,6 +196,11 @@ def _bce_prob(p: torch.Tensor, y: torch.Tensor, eps: float = EPS) -> torch.Tenso
     return F.binary_cross_entropy(p, y.to(p.dtype), reduction="none")
 
 
+def prob_bce_loss(p: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """BCE between pooled clip probabilities p (already in (0, 1), clamped) and bag labels y."""
+    return _reduce(_bce_prob(p, y), reduction)
+
+
 def mmm_loss(frame_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
              reduction: str = "mean", eps: float = EPS) -> torch.Tensor:
     """Max-mean-min MIL loss (see the module docstring for the formula and averaging).

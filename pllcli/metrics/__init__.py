@@ -4,8 +4,10 @@
   confusion matrix, expected calibration error.
 - `multi_label`: average precision / mAP (macro, micro), lwlrap (DCASE 2019 task 2),
   ROC AUC, d-prime.
-- `segment_based`, `event_based`: sed_eval segment-based and event-based (collar) F1;
-  `frame_based`: frame-level AUC and F1.
+- `segment_based`, `event_based`: sed_eval segment-based and event-based (collar) F1 (equal to
+  sed_scores_eval's on the same events, tests/test_sed.py); `frame_based`: frame-level AUC and F1.
+- `sed` (optional extra `sed`, imported on demand): PSDS1 / PSDS2, collar, segment and
+  intersection F1 computed by sed_scores_eval.
 - `pll`: disambiguation accuracy and candidate-set coverage.
 
 Conventions shared by every module:

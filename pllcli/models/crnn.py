@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pllcli.models import register_model
+from pllcli.models.registry import register_model
 from pllcli.models.base import Classifier, Encoder, conv_bn
 
 

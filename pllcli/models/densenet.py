@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pllcli.models import register_model
-from pllcli.models.base import Classifier, Encoder, conv_bn
+from pllcli.models.registry import register_model
+from pllcli.models.base import Classifier, Encoder, FrameMask, conv_bn, run_masked
 
 
 class DenseBlock(nn.Module):
@@ -19,8 +19,11 @@ class DenseBlock(nn.Module):
         self.out_channels = cin + n * growth
 
     def forward(self, x):
+        return self.forward_masked(x, None)
+
+    def forward_masked(self, x, fm: FrameMask | None):
         for layer in self.layers:
-            x = torch.cat([x, layer(x)], dim=1)
+            x = torch.cat([x, layer(x) if fm is None else run_masked(layer, x, fm)], dim=1)
         return x
 
 

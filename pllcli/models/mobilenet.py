@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from pllcli.models import register_model
-from pllcli.models.base import Classifier, Encoder, conv_bn
+from pllcli.models.registry import register_model
+from pllcli.models.base import Classifier, Encoder, FrameMask, conv_bn, run_masked
 
 
 class InvertedResidual(nn.Module):
@@ -18,6 +18,10 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x):
         return x + self.block(x) if self.use_res else self.block(x)
+
+    def forward_masked(self, x, fm: FrameMask):
+        y = run_masked(self.block, x, fm)
+        return x + y if self.use_res else y
 
 
 @register_model("mobilenetv2", "MobileNetV2-style inverted residuals (PSL paper), x4 in time")

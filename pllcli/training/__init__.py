@@ -1,2 +1,4 @@
-"""Training: objectives (`objectives`), in-memory batching (`data`), augmentation (`augment`),
-the trainer (`trainer.train`)."""
+"""Training: the engine (`engine`: the one loop, with `checkpoints`, `distributed`, `schedules`,
+`progress`) and its tasks: classifiers (`trainer.train`, `classify`), WHEN/WHO (`weak`) and
+pretraining (`pllcli.pretrain`). Objectives (`objectives`), batching (`data`, `selection`),
+augmentation (`augment`) and inference (`inference`) are shared by all of them."""

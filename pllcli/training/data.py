@@ -41,17 +41,21 @@ class InMemoryFeatures:
         return mean.float().cpu().numpy(), std.float().cpu().numpy()
 
     def gather(self, rows: np.ndarray, max_frames: int | None = None, rng: np.random.Generator | None = None,
-               pad_value=None):
-        """(x (B, T, F), lengths (B,)) for `rows`; random crop of `max_frames` when longer (start at
-        0 without rng). Padded frames get `pad_value` (F,) (e.g. the feature mean), default 0."""
+               pad_value=None, min_frac: float = 1.0):
+        """(x (B, T, F), lengths (B,)) for `rows`; a crop of at most `max_frames`: random with `rng`,
+        else centred (whole items without `max_frames`). With `min_frac` < 1 and `rng`, each crop
+        keeps a random fraction in [min_frac, 1] of min(item, max_frames) frames (so two views of
+        one item differ in length). Padded frames get `pad_value` (F,) (e.g. the feature mean), default 0."""
         rows = np.asarray(rows, np.int64)
         L = self.num_frames[rows]
         lens = L if max_frames is None else np.minimum(L, max_frames)
+        if rng is not None and min_frac < 1.0:
+            lens = np.round(lens * rng.uniform(min_frac, 1.0, len(rows))).astype(np.int64)
         lens = np.maximum(lens, 1)
-        if rng is not None and max_frames is not None:
+        if rng is not None:
             start = (rng.random(len(rows)) * (L - lens + 1)).astype(np.int64)
         else:
-            start = np.zeros(len(rows), np.int64)
+            start = np.maximum(0, (L - lens) // 2)
         T = int(lens.max()) if len(rows) else 1
         pos = np.arange(T)[None, :]
         idx = self.offsets[rows][:, None] + start[:, None] + np.minimum(pos, lens[:, None] - 1)
@@ -62,6 +66,25 @@ class InMemoryFeatures:
             torch.as_tensor(pad_value, dtype=x.dtype, device=self.device)
         x = torch.where(valid[..., None], x, fill)
         return x, torch.from_numpy(lens)
+
+    @classmethod
+    def from_clips(cls, clips, device=None) -> "InMemoryFeatures":
+        """From a list of (T_i, F) arrays."""
+        if not len(clips):
+            raise ValueError("no clips")
+        offsets = np.concatenate([[0], np.cumsum([len(c) for c in clips])])
+        return cls(np.concatenate([np.asarray(c, np.float32) for c in clips], 0), offsets, device)
+
+
+def pad_clips(clips) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of (T_i, F) arrays -> (N, T_max, F) float32 tensor (zero padded) and lengths (N,)."""
+    mem = InMemoryFeatures.from_clips(clips)
+    return mem.gather(np.arange(len(clips)))
+
+
+def unpad(x: torch.Tensor, lengths) -> InMemoryFeatures:
+    """A padded batch (N, T, F) with lengths (N,) as InMemoryFeatures (the padding dropped)."""
+    return InMemoryFeatures.from_clips([x[i, :int(n)].cpu().numpy() for i, n in enumerate(lengths)])
 
 
 def _frame_index(offsets, rows):
@@ -79,11 +102,11 @@ class LabelTensors:
         self.C = labels.num_classes
 
     def batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        lr = self.label_rows[rows]
+        lrows = self.label_rows[rows]
         lab = self.labels
-        cand = lab.candidate_matrix(lr)
-        clean = lab.clean[lr].astype(np.int64)
-        has_c = np.diff(lab.candidates_indptr)[lr] > 0
+        cand = lab.candidate_matrix(lrows)
+        clean = lab.clean[lrows].astype(np.int64)
+        has_c = lab.has_candidates[lrows]
         ci = clean >= 0
         if ci.any():  # clean items: their candidate row is the one-hot of the clean label
             cand[ci] = 0.0
@@ -94,11 +117,11 @@ class LabelTensors:
             "candidates": torch.from_numpy(cand),
             "has_candidates": torch.from_numpy(has_c),
             "clean": torch.from_numpy(clean),
-            "tags": torch.from_numpy(lab.tag_matrix(lr)),
-            "has_tags": torch.from_numpy(lab.has_tags[lr].astype(bool)),
-            "soft": torch.from_numpy(lab.soft_matrix(lr)),
-            "has_soft": torch.from_numpy(lab.has_soft[lr].astype(bool)),
-            "unlabeled": torch.from_numpy(lab.unlabeled[lr].astype(bool)),
+            "tags": torch.from_numpy(lab.tag_matrix(lrows)),
+            "has_tags": torch.from_numpy(lab.has_tags[lrows].astype(bool)),
+            "soft": torch.from_numpy(lab.soft_matrix(lrows)),
+            "has_soft": torch.from_numpy(lab.has_soft[lrows].astype(bool)),
+            "unlabeled": torch.from_numpy(lab.unlabeled[lrows].astype(bool)),
         }
 
 
@@ -128,10 +151,11 @@ def epoch_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: int, seed: 
         out += [c[i:i + batch_size] for i in range(0, len(c), batch_size)]
     order = rng.permutation(len(out))
     out = [out[i] for i in order]
-    return _rank_slice(out, rank, world)
+    return rank_slice(out, rank, world)
 
 
-def _rank_slice(out, rank, world):
+def rank_slice(out: list, rank: int, world: int) -> list:
+    """This rank's share of an epoch's batches: out[rank::world], cut so every rank runs as many."""
     if world > 1:
         n = len(out) // world
         if n == 0:
@@ -174,7 +198,7 @@ def _grouped_batches(rows, lengths, batch_size, rng, rank, world, bucket, groups
     out = []
     for b in range(n_batches):
         out.append(np.concatenate([parts[b]] + [st[b * k:(b + 1) * k] for st, k in zip(streams, counts)]))
-    return _rank_slice(out, rank, world)
+    return rank_slice(out, rank, world)
 
 
 class Prefetcher:
@@ -225,3 +249,10 @@ class Prefetcher:
                     q.get_nowait()
                 except queue.Empty:
                     th.join(timeout=0.05)
+
+
+def crop_batch(feats: np.ndarray, offsets: np.ndarray, rows: np.ndarray, crop: int, rng: np.random.Generator,
+               random: bool = True, min_frac: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crops of at most `crop` frames of items of (sumT, F) `feats`: random (centred with
+    random=False), zero padded; see `InMemoryFeatures.gather`."""
+    return InMemoryFeatures(feats, offsets).gather(rows, crop, rng if random else None, None, min_frac)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pllcli.losses import pll
-from pllcli.training.objectives import Objective, register_objective
+from pllcli.training.objective_base import Objective, register_objective
 
 
 def _mean(per_item, mask):

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pllcli.errors import InputError, UsageError
+from pllcli.errors import InputError
+from pllcli.training.inference import chunk_probabilities, chunk_view  # noqa: F401  (re-exported)
 
 
 def expand_segments(feats: np.ndarray, offsets: np.ndarray, ids, lab, label_rows: np.ndarray,
@@ -35,13 +36,13 @@ def expand_segments(feats: np.ndarray, offsets: np.ndarray, ids, lab, label_rows
     lengths = []
     for r in range(len(offsets) - 1):
         a0, b0 = int(offsets[r]), int(offsets[r + 1])
-        lr = int(label_rows[r])
-        segs = seg_of.get(lr)
+        lrow = int(label_rows[r])
+        segs = seg_of.get(lrow)
         if not segs:
             whole += 1
             parts.append(feats[a0:b0])
             new_ids.append(str(ids[r]))
-            parent_lrow.append(lr)
+            parent_lrow.append(lrow)
             seg_index.append(-1)
             new_offsets.append(new_offsets[-1] + (b0 - a0))
             continue
@@ -52,7 +53,7 @@ def expand_segments(feats: np.ndarray, offsets: np.ndarray, ids, lab, label_rows
             b = min(max(a + 1, int(round(off / hop_seconds))), b0 - a0)
             parts.append(feats[a0 + a:a0 + b])
             new_ids.append(f"{ids[r]}@{on:.3f}-{off:.3f}")
-            parent_lrow.append(lr)
+            parent_lrow.append(lrow)
             seg_index.append(s)
             new_offsets.append(new_offsets[-1] + (b - a))
             lengths.append(off - on)
@@ -80,34 +81,3 @@ def expand_segments(feats: np.ndarray, offsets: np.ndarray, ids, lab, label_rows
             "segment_seconds": float(np.median(lengths)) if lengths else None}
     return (np.concatenate(parts, 0) if parts else feats[:0], np.asarray(new_offsets, np.int64),
             np.asarray(new_ids, dtype=object), out, np.arange(len(new_ids), dtype=np.int64), info)
-
-
-def chunk_view(mem, chunk_frames: int):
-    """A view of an InMemoryFeatures whose items are consecutive chunks of `chunk_frames` frames
-    (the last chunk of a clip may be shorter); returns (view, parent (K,) clip row of each chunk).
-
-    Chunks tile every clip, so their boundaries are offsets into the same frame tensor: no copy.
-    """
-    if chunk_frames < 1:
-        raise UsageError("chunk length must be at least one frame")
-    n_chunks = np.maximum(1, -(-mem.num_frames // chunk_frames))            # ceil, >= 1 per clip
-    parent = np.repeat(np.arange(len(n_chunks)), n_chunks)
-    first = np.concatenate([[0], np.cumsum(n_chunks)[:-1]])
-    starts = mem.offsets[parent] + (np.arange(len(parent)) - first[parent]) * chunk_frames
-    view = object.__new__(type(mem))
-    view.__dict__.update(mem.__dict__)
-    view.offsets = np.append(starts, mem.offsets[-1]).astype(np.int64)
-    view.num_frames = np.diff(view.offsets)
-    return view, parent
-
-
-def chunk_probabilities(model, mem, chunk_frames: int, task: str, device, batch_size: int = 64,
-                        amp: bool = False) -> np.ndarray:
-    """(N, C) clip probabilities: the mean of the model's probabilities over each clip's chunks."""
-    from pllcli.predict import infer, probabilities
-    view, parent = chunk_view(mem, chunk_frames)
-    p = probabilities(infer(model, view, None, device, batch_size, amp=amp)["logits"], task)
-    n = len(mem.num_frames)
-    out = np.zeros((n, p.shape[1]), np.float64)
-    np.add.at(out, parent, p)
-    return (out / np.bincount(parent, minlength=n)[:, None]).astype(np.float32)

@@ -19,9 +19,9 @@ PLL objectives in one run):
   teacher-student style; `train --alpha A` should add `distill:alpha=A`.
 
 Every objective here also takes ``final_weight``, ``decay_start`` and ``decay_end`` (epochs): after
-the normal ramp-up the weight moves linearly to `final_weight` between the two. With
-`curriculum_specs(...)` this gives "strong unsupervised guidance first, then raise the supervised
-weight".
+the normal ramp-up the weight moves linearly to `final_weight` between the two ("strong
+unsupervised guidance first": e.g. `fixmatch:weight=10,final_weight=1,decay_start=5,decay_end=20`
+with `ce:schedule=sigmoid,end=10`).
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from pllcli.errors import UsageError
 from pllcli.losses import semi as L
-from pllcli.training.objectives import Objective, register_objective
+from pllcli.training.augment import AugmentConfig, augment_batch
+from pllcli.training.objective_base import Objective, register_objective
 
 ON_CHOICES = ("unlabeled", "all")
 
@@ -244,15 +245,13 @@ class MixMatch(_SemiObjective):
 
 
 def strong_augment(x, lengths, generator=None):
-    """The FixMatch strong view: SpecAugment masks, gain and noise (no clip mixing)."""
-    from pllcli.pretrain import AugmentConfig, augment_batch
-    cfg = AugmentConfig(time_masks=2, time_mask_frac=0.2, freq_masks=2, freq_mask_bins=12, gain_db=6.0,
-                        noise_std=0.3, mix_prob=0.0)
+    """The FixMatch strong view: SpecAugment masks, warps, gain and noise (no clip mixing)."""
+    cfg = AugmentConfig(time_masks=2, time_width=0.2, freq_masks=2, freq_width=12, gain_db=6.0, shift=0,
+                        noise_std=0.3, freq_warp=0.1, time_warp=0.2, fill="clip")
     return augment_batch(x, lengths, cfg, generator)
 
 
 def weak_augment(x, lengths, generator=None):
-    from pllcli.pretrain import AugmentConfig, augment_batch
     return augment_batch(x, lengths, AugmentConfig.weak(), generator)
 
 
@@ -345,45 +344,5 @@ class Distill(_SemiObjective):
         return L.soft_cross_entropy(ctx.out["logits"][m].float(), tgt[m], multi)
 
 
-# ------------------------------------------------------------------ helpers for the train CLI
-
+# the objectives this module registers
 SEMI_OBJECTIVES = ("mean-teacher", "vat", "mixup", "mixmatch", "fixmatch", "distill")
-
-
-def curriculum_specs(unsupervised: str, epochs: int, supervised: str = "ce", unsup_weight: float = 10.0,
-                     unsup_final: float = 1.0, sup_start_weight: float = 0.1) -> list[str]:
-    """Objective specs for "strong unsupervised guidance first, then raise the supervised weight".
-
-    The unsupervised objective starts at `unsup_weight` and decays linearly to `unsup_final`
-    over the middle half of training; the supervised objective ramps up (sigmoid) from ~0 to 1
-    over the first half (`sup_start_weight` is not used by a sigmoid ramp-up; kept for clarity).
-    """
-    if epochs < 2:
-        raise UsageError("curriculum needs at least 2 epochs")
-    name, _, opts = unsupervised.partition(":")
-    sep = "," if opts else ""
-    e = float(epochs)
-    return [
-        f"{supervised}:weight=1,schedule=sigmoid,start=0,end={e / 2:g}",
-        f"{name}:{opts}{sep}weight={unsup_weight:g},final_weight={unsup_final:g},"
-        f"decay_start={e / 4:g},decay_end={3 * e / 4:g}",
-    ]
-
-
-def semi_objective_specs(mean_teacher: float = 0.0, vat: float = 0.0, mixup: float = 0.0, mixmatch: float = 0.0,
-                         fixmatch: float = 0.0, alpha: float | None = None, rampup: float = 5.0) -> list[str]:
-    """Specs for shorthand train options (e.g. `--mean-teacher W --fixmatch W --alpha A`): each
-    non-zero weight adds that objective with a sigmoid ramp-up over `rampup` epochs."""
-    specs = []
-    for name, w in (("mean-teacher", mean_teacher), ("vat", vat), ("mixup", mixup), ("mixmatch", mixmatch),
-                    ("fixmatch", fixmatch)):
-        if w < 0:
-            raise UsageError(f"--{name} weight must be >= 0")
-        if w > 0:
-            ramp = f",schedule=sigmoid,start=0,end={rampup:g}" if rampup > 0 and name != "mixup" else ""
-            specs.append(f"{name}:weight={w:g}{ramp}")
-    if alpha is not None:
-        if not 0 <= alpha <= 1:
-            raise UsageError("--alpha must be in [0, 1]")
-        specs.append(f"distill:alpha={alpha:g}")
-    return specs

@@ -1,0 +1,61 @@
+"""examples/bench_weak.py: pseudo-strong-label targets and the student / mean-teacher rows (tiny
+synthetic tensors, one epoch: the rows run and report the SED figures)."""
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_weak", ROOT / "examples" / "bench_weak.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_frame_targets_masked_by_tags_and_scaled_to_peak(bench):
+    p = np.array([[0.2, 0.4, 0.9], [0.1, 0.2, 0.3], [0.05, 0.1, 0.6]], np.float32)   # (T'=3, C=3)
+    tags = np.array([1, 1, 0], np.float32)
+    assert np.allclose(bench.frame_targets(p, tags, "raw"), [[0.2, 0.4, 0], [0.1, 0.2, 0], [0.05, 0.1, 0]])
+    assert np.allclose(bench.frame_targets(p, tags, "peak"), [[1, 1, 0], [0.5, 0.5, 0], [0.25, 0.25, 0]])
+    assert bench.frame_targets(p, tags, "hard").tolist() == [[1, 1, 0], [1, 1, 0], [0, 0, 0]]
+    assert np.allclose(bench.frame_targets(p, None, "peak"), p)                     # unlabeled: as scored
+    assert bench.frame_targets(p, None, "hard").tolist() == [[0, 0, 1], [0, 0, 0], [0, 0, 1]]
+
+
+def _tiny_corpus(rng, n_train=12, n_un=6, n_test=4, T=40, F=8):
+    classes = ["a", "b", "c"]
+    hop = 0.05
+    Y = (rng.random((n_train, 3)) < 0.5).astype(np.float32)
+    te_ids = [f"t{i}" for i in range(n_test)]
+    strong = {cid: [(0.2 * (i + 1), 0.2 * (i + 1) + 0.4, classes[i % 3])] for i, cid in enumerate(te_ids)}
+    X = lambda n: torch.as_tensor(rng.standard_normal((n, T, F)).astype(np.float32))  # noqa: E731
+    full = lambda n: torch.full((n,), T, dtype=torch.long)  # noqa: E731
+    return dict(classes=classes, Xtr=X(n_train), Ltr=full(n_train), Ytr=Y, Xte=X(n_test), Lte=full(n_test),
+                Yte=np.eye(3, dtype=np.float32)[[i % 3 for i in range(n_test)]], te_ids=te_ids,
+                Xun=X(n_un), Lun=full(n_un), strong=strong, hop=hop, durations={c: T * hop for c in te_ids})
+
+
+def test_student_and_mean_teacher_rows_run_and_report(bench):
+    torch.set_num_threads(1)
+    D = _tiny_corpus(np.random.default_rng(0))
+    a = SimpleNamespace(seed=0, width=4, batch_size=4, lr=1e-3, epochs=1, only=None, psl_segment=0.5,
+                        psl_unlabeled=True, psl_targets="hard", mt_weight=2.0, mt_decay=0.99)
+    results = {}
+    bench.run_students(D, a, D["hop"] * 2, results, {})
+    rows = ["psl_frames", "psl_segments_frames", "psl_segments_chunks", "crnn_attention_mt", "crnn_attention_mt_ema"]
+    assert sorted(results) == sorted(rows)
+    for name in rows:
+        r = results[name]
+        assert 0.0 <= r["event_f1_micro"] <= 1.0 and 0.0 <= r["segment_f1_micro"] <= 1.0
+        assert 0.0 <= r["who_mAP"] <= 1.0
+    assert results["psl_frames"]["teacher"] == "crnn_attention"          # no CRNN rows: an attention teacher
+    assert results["psl_frames"]["pseudo_labelled_clips"] == 6           # the unlabeled clips
+    assert results["psl_segments_chunks"]["segments"] == (12 + 6) * 4    # 2 s clips in 0.5 s segments
+    assert results["crnn_attention_mt"]["unlabeled_clips"] == 6
