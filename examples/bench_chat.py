@@ -146,11 +146,11 @@ def main():
 
     t0 = time.perf_counter()
     if not (out / "train.h5").exists():
-        _, res["stages"]["featurize_train_s"] = cli("featurize", data / "voice.csv", out / "train.h5", "-j", args.jobs)
+        _, res["stages"]["featurize_train_s"] = cli("featurize", data / "voice.csv", "-o", out / "train.h5", "-j", args.jobs)
     if not (out / "test.h5").exists():
-        _, res["stages"]["featurize_test_s"] = cli("featurize", data / "test.csv", out / "test.h5", "-j", args.jobs)
+        _, res["stages"]["featurize_test_s"] = cli("featurize", data / "test.csv", "-o", out / "test.h5", "-j", args.jobs)
     (out / "vocab.txt").write_text("".join(f"{a} {b}\n" for a in DIGITS for b in DIGITS))
-    build = ["build-candidates", out / "labels.h5", "--voice", data / "voice.csv", "--chat", data / "chat.csv",
+    build = ["build-candidates", "-o", out / "labels.h5", "--voice", data / "voice.csv", "--chat", data / "chat.csv",
              "--next", "10", "--clean", data / "clean.csv", "--weights", "delay-prior", "--vocab",
              out / "vocab.txt", "--overwrite"]
     if (data / "unlabeled.csv").exists():

@@ -101,7 +101,7 @@ def main():
         if p is None or not p.exists():
             p = out / f"{name}.h5"
             if not p.exists():
-                res["stages"][f"featurize_{name}_s"] = cli("featurize", data / manifest, p, "-j", 2)
+                res["stages"][f"featurize_{name}_s"] = cli("featurize", data / manifest, "-o", p, "-j", 2)
         feats[name] = p
     all_h5 = out / "all.h5"
     if not all_h5.exists():
@@ -109,7 +109,7 @@ def main():
     (out / "vocab.txt").write_text("".join(f"{a} {b}\n" for a in DIGITS for b in DIGITS))
     labels = out / "labels.h5"
     res["stages"]["build_candidates_s"] = cli(
-        "build-candidates", labels, "--voice", data / "voice.csv", "--chat", data / "chat.csv", "--next", "10",
+        "build-candidates", "-o", labels, "--voice", data / "voice.csv", "--chat", data / "chat.csv", "--next", "10",
         "--clean", data / "clean.csv", "--weights", "delay-prior", "--unlabeled", data / "unlabeled.csv",
         "--vocab", out / "vocab.txt", "--overwrite")
 

@@ -3,9 +3,8 @@
 FSDD names are `{digit}_{speaker}_{take}.wav`; takes 0-4 are the test set, the rest train.
 Rows: logistic regression (sklearn, standardised) on mean+max pooled frames with `--per-class`
 labels per class (`--draws` random draws) and with all training labels, for the encoder and,
-with `--baseline`, for the speech8k log-mel frontend pooled the same way. With `--train WORK`
-(needs featurize --encoder, issue 15), also `pllcli train` (default recipe) on an encoder
-feature store with the same splits.
+with `--baseline`, for the speech8k log-mel frontend pooled the same way. With `--train WORK`,
+also `pllcli train` (default recipe) on an encoder feature store with the same splits.
 
     # setup (the only download: the openwakeword 0.4.0 wheel, for Google's speech_embedding;
     # only its melspectrogram.onnx and embedding_model.onnx are used, checked by sha256)
@@ -115,14 +114,10 @@ def train_rows(name: str, spec: str, data: Path, work: Path, per_class: int, n_d
     and all labels, test accuracy of last.pt. Splits and scoring are bench_ssl.py's."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_ssl import accuracy, split_stores
-    from pllcli.encoders import build_encoder, feature_fields
-    from pllcli.features.config import FeatureConfig
+    from pllcli.features.config import encoder_config
     from pllcli.features.extract import featurize
     from pllcli.training.trainer import TrainConfig, train
-    try:
-        cfg = FeatureConfig(**feature_fields(build_encoder(spec)))
-    except TypeError:
-        sys.exit("--train needs FeatureConfig encoder fields (featurize --encoder, issue 15)")
+    cfg = encoder_config(spec)
     work.mkdir(parents=True, exist_ok=True)
     store = work / f"fsdd_{cfg.hash()}.h5"
     if not store.exists():

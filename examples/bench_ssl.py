@@ -138,7 +138,8 @@ def main(argv=None):
     import torch
     from pllcli.features.config import FeatureConfig
     from pllcli.features.extract import featurize
-    from pllcli.models import parse_model_options
+    from pllcli import spec
+    from pllcli.models import model_builder
     from pllcli.pretrain import PretrainConfig, pretrain
     from pllcli.pseudo_label import pseudo_label
     from pllcli.training.trainer import TrainConfig, train
@@ -150,7 +151,8 @@ def main(argv=None):
     if not store.exists():
         featurize(args.data, store, FeatureConfig.preset("speech8k", n_mels=40), jobs=2, progress=False)
     paths, sizes = split_stores(work, store, args.per_class, args.seed)
-    mopt = parse_model_options([args.model_opt])
+    mopt = spec.coerce(model_builder("convgru"), spec.parse_pairs(args.model_opt, "--model-opt"), "--model-opt",
+                       skip=("n_mels", "num_classes"), what="model convgru")
     E, SE = args.epochs, args.sup_epochs
     jpath = Path(args.json) if args.json else None
     prev = json.loads(jpath.read_text()) if jpath and jpath.exists() and not args.redo else {}

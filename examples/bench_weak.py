@@ -208,7 +208,7 @@ class _MeanTeacher:
         for p in self.ema.parameters():
             p.requires_grad_(False)
         self.Xu, self.Lu, self.weight, self.decay = Xu, Lu, weight, decay
-        self.ramp, self.step = max(1, int(0.3 * total_steps)), 0
+        self.ramp, self.step, self.last = max(1, int(0.3 * total_steps)), 0, float("nan")
         self.gen = torch.Generator().manual_seed(seed)
 
     def batch(self, X, L):
@@ -225,6 +225,7 @@ class _MeanTeacher:
         m = lengths_to_mask(out["frame_lengths"], out["frame_logits"].shape[1])
         c = (consistency_loss(out["logits"], t["logits"], "mse", True)
              + consistency_loss(out["frame_logits"][m], t["frame_logits"][m], "mse", True))
+        self.last = float(c.detach())
         return self.weight * math.exp(-5 * (1 - min(1.0, self.step / self.ramp)) ** 2) * c
 
     def update(self, model):
@@ -237,7 +238,7 @@ def fit_crnn(D, pooling, a, X=None, L=None, Y=None, frame_targets=None, mean_tea
     """Class-wise CRNN from clip targets Y (N, C) in [0, 1] (default: the training clips' weak
     tags) with the MIL loss of `pooling`, half-and-half batches (positive: a target >= 0.5),
     AdamW + one-cycle. frame_targets (N, T', C): soft frame labels (pseudo-strong student), frame
-    BCE added. mean_teacher: `_MeanTeacher` on the unlabeled clips -> (student, EMA teacher)."""
+    BCE added. mean_teacher: `_MeanTeacher` on the unlabeled clips -> (student, the _MeanTeacher)."""
     from pllcli.sampling import HalfAndHalfSampler
     X, L = (D["Xtr"], D["Ltr"]) if X is None else (X, L)
     Y = torch.as_tensor(np.asarray(D["Ytr"] if Y is None else Y, dtype=np.float32))
@@ -245,7 +246,12 @@ def fit_crnn(D, pooling, a, X=None, L=None, Y=None, frame_targets=None, mean_tea
     model = _crnn(D, a)
     frames = torch.cat([X[i, :int(n)] for i, n in enumerate(L)])
     model.encoder.norm.set_stats(frames.mean(0), frames.std(0))
-    sampler = HalfAndHalfSampler((Y >= 0.5).any(1).numpy(), a.batch_size, seed=a.seed)
+    positive = (Y >= 0.5).any(1).numpy()
+    if not positive.any():  # a weak teacher's soft labels: its more confident half counts as positive
+        top = Y.max(1).values.numpy()
+        positive = top >= np.median(top)
+        log.warning("no target reaches 0.5; half-and-half batches use the %d most confident items", positive.sum())
+    sampler = HalfAndHalfSampler(positive, a.batch_size, seed=a.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-4)
     total = a.epochs * len(sampler)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, a.lr, total_steps=total, pct_start=0.15)
@@ -272,7 +278,7 @@ def fit_crnn(D, pooling, a, X=None, L=None, Y=None, frame_targets=None, mean_tea
             sched.step()
             if mt is not None:
                 mt.update(model)
-    return (model, mt.ema) if mt is not None else model
+    return (model, mt) if mt is not None else model
 
 
 @torch.no_grad()
@@ -400,10 +406,11 @@ def run_students(D, a, hop_out, results, models) -> None:
                                                   **chunk_metrics(D, student, seg, 2)}
     if want("crnn_attention_mt") or want("crnn_attention_mt_ema"):
         t0 = time.perf_counter()
-        student, ema = fit_crnn(D, "attention", a, mean_teacher=True)
-        sec = {"train_seconds": round(time.perf_counter() - t0, 1), "unlabeled_clips": int(len(D["Xun"]))}
+        student, mt = fit_crnn(D, "attention", a, mean_teacher=True)
+        sec = {"train_seconds": round(time.perf_counter() - t0, 1), "unlabeled_clips": int(len(D["Xun"])),
+               "last_consistency_mse": mt.last}   # unweighted, last batch
         results["crnn_attention_mt"] = {**sec, **crnn_metrics(D, student, hop_out)}
-        results["crnn_attention_mt_ema"] = {**sec, **crnn_metrics(D, ema, hop_out)}
+        results["crnn_attention_mt_ema"] = {**sec, **crnn_metrics(D, mt.ema, hop_out)}
     for n in students + ("crnn_attention_mt", "crnn_attention_mt_ema"):
         if n in results:
             log.info("%s: %s", n, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[n].items()})

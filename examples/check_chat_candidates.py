@@ -89,7 +89,7 @@ def main():
 
     # the real command (closed vocabulary, delay-prior weights); truth.csv is not an input
     out = Path(a.out) / "chat_next10_prior.h5"
-    cmd = [sys.executable, "-m", "pllcli", "-q", "build-candidates", str(out), "--overwrite",
+    cmd = [sys.executable, "-m", "pllcli", "-q", "build-candidates", "-o", str(out), "--overwrite",
            "--voice", str(d / "voice.csv"), "--chat", str(d / "chat.csv"), "--clean", str(d / "clean.csv"),
            "--unlabeled", str(d / "unlabeled.csv"), "--vocab", str(d / "test.csv"), "--next", str(a.k),
            "--weights", "delay-prior", "--json", "-"]

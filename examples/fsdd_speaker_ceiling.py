@@ -134,9 +134,12 @@ def main(argv=None):
 
     import torch
     from pllcli.labels.store import LabelData, write_label_store
-    from pllcli.models import parse_model_options
+    from pllcli import spec
+    from pllcli.models import model_builder
     from pllcli.training.trainer import TrainConfig, train
     torch.set_num_threads(args.threads)
+    mopt = spec.coerce(model_builder("convgru"), spec.parse_pairs(args.model_opt, "--model-opt"), "--model-opt",
+                       skip=("n_mels", "num_classes"), what="model convgru")
     work = Path(args.work)
     store = work / "fsdd.h5"
     if not store.exists():
@@ -166,7 +169,7 @@ def main(argv=None):
             report["models"][f"bench_ssl run_{row}"] = split_acc(predict_digits(ck, test))
 
     report["encoder_probes"] = encoder_probes(work, few, [digit(i) for i in few_ids], test, y,
-                                              parse_model_options([args.model_opt]))
+                                              mopt)
     st = work / "run_selftrain_r6" / "last.pt"
     if st.exists():
         semi, semi_ids = _clips(paths["semi"][0])
@@ -187,7 +190,7 @@ def main(argv=None):
         out = work / f"run_loso_{s}"
         shutil.rmtree(out, ignore_errors=True)
         train(TrainConfig(features=str(full_feats), labels=str(lp), outdir=str(out), model="convgru",
-                          model_options=parse_model_options([args.model_opt]), objectives=["ce"], epochs=args.epochs,
+                          model_options=mopt, objectives=["ce"], epochs=args.epochs,
                           valid_fraction=0.0, seed=args.seed, device="cpu", progress=False, threads=args.threads,
                           lr=3e-3, top_k=0, augment=aug, clean_share=0.0))
         ok = predict_digits(out / "last.pt", test) == y

@@ -128,13 +128,16 @@ def parse_wav(data: bytes) -> tuple[np.ndarray | None, int, int] | str | None:
     return (_wav_samples(data, dtype, scale, ch, offset, n), sr, ch)
 
 
-def _read_bytes(path: str | os.PathLike) -> bytes:
+def _read_bytes(path: str | os.PathLike, stat_out: list | None = None) -> bytes:
     """The whole file in (usually) one read(2): cheaper than open().read() for small files.
-    A device, FIFO or socket is refused (AudioSkip not_regular): it could be read without end."""
+    A device, FIFO or socket is refused (AudioSkip not_regular): it could be read without end.
+    `stat_out` gets [size, mtime_ns] of the file read (from the open file: no second stat)."""
     # O_NONBLOCK: opening a FIFO does not wait for a writer (no effect on regular files)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
     try:
         st = os.fstat(fd)
+        if stat_out is not None:
+            stat_out.append([st.st_size, st.st_mtime_ns])
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(path)
         if not stat.S_ISREG(st.st_mode):
@@ -195,15 +198,17 @@ def _soundfile_decode(blob: bytes, head: bytes, max_seconds: float | None) -> tu
     return data, sr, max(total, len(data))
 
 
-def load_audio(path: str | os.PathLike, target_sr: int | None = None, max_seconds: float | None = None) -> Audio:
+def load_audio(path: str | os.PathLike, target_sr: int | None = None, max_seconds: float | None = None,
+               stat_out: list | None = None) -> Audio:
     """Decode `path`, check it, mix to mono, resample to `target_sr` (None keeps the source rate).
 
     Common WAV encodings are decoded directly from the file bytes (one read); everything
     else goes through soundfile. A source longer than `max_seconds` is cut to its first
-    `max_seconds` (`Audio.cut_from` then holds the source's duration).
+    `max_seconds` (`Audio.cut_from` then holds the source's duration). `stat_out`, if given,
+    gets the [size, mtime_ns] of the file once it is open (also when it is then skipped).
     """
     try:
-        blob = _read_bytes(path)
+        blob = _read_bytes(path, stat_out)
     except FileNotFoundError:
         raise AudioSkip("missing_file", "no such file") from None
     except IsADirectoryError:

@@ -178,8 +178,9 @@ def _float(s, name, ln, col) -> float:
 
 
 def score_checkpoint(checkpoint, features, *, batch_size: int = 32, device: str = "cpu",
-                     chunk: float | None = None) -> Scores:
-    """Run a classifier checkpoint on every item of a feature store (`chunk`: see `predict.predict`)."""
+                     chunk: float | None = None, data: str = "auto", max_memory: int | None = None) -> Scores:
+    """Run a classifier checkpoint on every item of a feature store (`chunk`: see `predict.predict`;
+    `data`/`max_memory`: in memory or streamed, see `training.stream.open_features`)."""
     import numpy as np
     from pllcli.checkpoint import load_model
     from pllcli.features.store import FeatureStore
@@ -198,18 +199,17 @@ def score_checkpoint(checkpoint, features, *, batch_size: int = 32, device: str 
         raise ConfigMismatchError(f"{features}: feature config hash {fs.config_hash} differs from the "
                                   f"checkpoint's {want}{detail}; featurize the audio with the checkpoint's config")
     from pllcli.events import frame_hop as _frame_hop
-    from pllcli.predict import nonfinite_items, score_clips
-    from pllcli.training.data import InMemoryFeatures
+    from pllcli.training.inference import score_clips
+    from pllcli.training.stream import nonfinite_rows, open_features
     classes = [str(c) for c in meta["classes"]]
     task = meta.get("task", "single")
     ids = [str(i) for i in fs.ids]
     durations = np.asarray(fs.durations, dtype=np.float64)
-    feats, offsets = fs.load_all()
-    bad = nonfinite_items(feats, offsets)
+    bad = nonfinite_rows(fs)  # block by block: bounded memory
     if len(bad):
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise InputError(f"features of item {ids[bad[0]]!r} contain NaN/inf{more}", str(features))
-    mem = InMemoryFeatures(feats, offsets, dev)
+    mem = open_features(fs, data, max_memory, dev)
     probs, res, _ = score_clips(model, meta, mem, fs.config, dev, batch_size, chunk, frames="optional")
     probs = probs.astype(np.float64)
     frame_probs, frame_hop = {}, {}
@@ -457,7 +457,8 @@ def evaluate(truth_path, *, checkpoint=None, features=None, predictions=None, es
              candidates=None, frame_scores=None,
              batch_size: int = 32, device: str = "cpu", threshold: float = 0.5, top_k=(2, 3, 5),
              n_bins: int = 15, t_collar: float = 0.2, percentage_of_length: float = 0.2,
-             segment_resolution: float = 1.0, median: "int | str" = 1, chunk: float | None = None) -> Result:
+             segment_resolution: float = 1.0, median: "int | str" = 1, chunk: float | None = None,
+             data: str = "auto", max_memory: int | None = None) -> Result:
     """Compute every metric that the inputs allow; returns a Result with a JSON-ready report.
 
     `frame_scores`: frame scores of `pllcli predict --frame-scores` (see `read_frame_scores`),
@@ -488,7 +489,8 @@ def evaluate(truth_path, *, checkpoint=None, features=None, predictions=None, es
                 scores.classes = scores.classes + extra
                 scores.probs = np.concatenate([scores.probs, np.zeros((len(scores.ids), len(extra)))], 1)
     elif frame_scores is None:
-        scores = score_checkpoint(checkpoint, features, batch_size=batch_size, device=device, chunk=chunk)
+        scores = score_checkpoint(checkpoint, features, batch_size=batch_size, device=device, chunk=chunk,
+                                  data=data, max_memory=max_memory)
     if frame_scores is not None:
         scores = _with_frame_scores(scores if predictions is not None else None, frame_scores, truth)
     classes = scores.classes

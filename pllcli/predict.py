@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from pllcli.errors import InputError, UsageError
+
+log = logging.getLogger(__name__)
 from pllcli.training.inference import chunk_frames_for, infer, probabilities, score_clips  # noqa: F401
 
 
@@ -131,14 +134,16 @@ def predict(checkpoint, features, out="-", top_k_n: int = 1, restrict_labels=Non
             batch_size: int = 64, fmt: str | None = None, events: str | None = None,
             frame_scores: str | None = None, threshold: float = 0.5, median: int = 1,
             min_duration: float = 0.0, chunk: float | None = None, skip_bad: bool = False,
-            overwrite: bool = False, decode: dict | None = None, json_out=None) -> dict:
+            overwrite: bool = False, decode: dict | None = None, json_out=None, data: str = "auto",
+            max_memory: int | None = None) -> dict:
     """Write top-k labels with probabilities for every item of a feature store (or of audio:
     see `features_for`); for frame-level models optionally also frame scores and thresholded
     events (id, onset, offset, label) as TSV. `chunk` seconds: average the probabilities of
     consecutive chunks (default: the checkpoint's `segment_seconds`, else whole clips; 0 = whole
     clips). Items whose features hold NaN/inf are an InputError, or with `skip_bad` left out and
     listed in the summary ("skipped_bad"). `json_out` (written by the caller) is only checked here,
-    with the other outputs, before any work. Event decoding: `threshold` as for
+    with the other outputs, before any work. `data` ("auto" | "memory" | "stream") and `max_memory`
+    (bytes) choose how the store is read (`pllcli.training.stream.choose_data_path`). Event decoding: `threshold` as for
     `events.parse_thresholds`, `median` as for `events.median_frames`; `decode` may add `low`
     (hysteresis), `min_gap` (seconds) and `tune` = (feature store, strong labels) to pick per-class
     thresholds there (`events.tune_thresholds`)."""
@@ -155,7 +160,7 @@ def predict(checkpoint, features, out="-", top_k_n: int = 1, restrict_labels=Non
         store, feat_summary = features_for(features, meta, Path(tmp))
         summary = _predict_store(model, meta, checkpoint, store, features, out, top_k_n, restrict_labels, dev,
                                  batch_size, fmt, events, frame_scores, threshold, median, min_duration, chunk,
-                                 skip_bad, decode)
+                                 skip_bad, decode, data, max_memory)
     if feat_summary is not None:
         summary["featurized"] = {k: feat_summary[k] for k in ("files_done", "files_skipped", "audio_seconds")}
     return summary
@@ -163,16 +168,13 @@ def predict(checkpoint, features, out="-", top_k_n: int = 1, restrict_labels=Non
 
 def _predict_store(model, meta, checkpoint, store, features, out, top_k_n, restrict_labels, dev, batch_size, fmt,
                    events, frame_scores, threshold, median, min_duration, chunk, skip_bad=False,
-                   decode=None) -> dict:
+                   decode=None, data="auto", max_memory=None) -> dict:
     from pllcli.checkpoint import check_feature_config
-    from pllcli.training.data import InMemoryFeatures
     fs = _open_features(store)
     check_feature_config(meta, fs.config, f"{features} vs checkpoint {checkpoint}")
     classes = list(meta.get("classes") or [])
     task = meta.get("task", "single")
-    feats, offsets = fs.load_all()
-    fs, feats, offsets, skipped = _without_bad_items(fs, feats, offsets, features, skip_bad)
-    mem = InMemoryFeatures(feats, offsets, dev)
+    fs, mem, feats, offsets, skipped = _read_features(fs, features, dev, skip_bad, decode, data, max_memory)
     want_frames = events is not None or frame_scores is not None
     probs, res, chunk_frames = score_clips(model, meta, mem, fs.config, dev, batch_size, chunk,
                                            frames="required" if want_frames else None, amp=dev.type == "cuda")
@@ -213,6 +215,37 @@ def _predict_store(model, meta, checkpoint, store, features, out, top_k_n, restr
     return summary
 
 
+def _raise_nonfinite(ids, bad, name):
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    raise InputError(f"features of item {str(ids[bad[0]])!r} contain NaN/inf{more}; "
+                     "--skip-bad leaves such items out", str(name))
+
+
+def _read_features(fs, name, dev, skip_bad, decode, data="auto", max_memory=None):
+    """(store view, features for score_clips, feats, offsets, skipped ids) on the `--data` path:
+    `StoreFeatures` (bounded memory; feats None) when `data` or the memory budget says stream, else
+    the whole store in memory. --skip-bad and --segment-classes need the frames in memory."""
+    from pllcli.training.data import InMemoryFeatures
+    from pllcli.training.stream import StoreFeatures, choose_data_path, in_memory_bytes, nonfinite_rows
+    data = str(getattr(data, "value", data))
+    needs = [f for f, on in (("--skip-bad", skip_bad), ("--segment-classes", (decode or {}).get("segment_classes")))
+             if on]
+    if data == "stream" and needs:
+        raise UsageError(f"--data stream does not support {', '.join(needs)}; use --data memory or auto")
+    path = "memory"
+    if not needs:
+        path, why = choose_data_path(in_memory_bytes(fs), max_memory, data)
+        log.info("%s: %s", name, why)
+    if path == "stream":
+        bad = nonfinite_rows(fs)
+        if len(bad):
+            _raise_nonfinite(fs.ids, bad, name)
+        return fs, StoreFeatures(fs), None, np.asarray(fs.offsets, np.int64), []
+    feats, offsets = fs.load_all()
+    fs, feats, offsets, skipped = _without_bad_items(fs, feats, offsets, name, skip_bad)
+    return fs, InMemoryFeatures(feats, offsets, dev), feats, offsets, skipped
+
+
 def _without_bad_items(fs, feats, offsets, name, skip_bad):
     """(store view, feats, offsets, skipped ids): items with NaN/inf features are an InputError
     naming `name`, or with `skip_bad` dropped (a warning on stderr) from a view of `fs` that has
@@ -223,9 +256,7 @@ def _without_bad_items(fs, feats, offsets, name, skip_bad):
         return fs, feats, offsets, []
     ids = fs.ids
     if not skip_bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise InputError(f"features of item {str(ids[bad[0]])!r} contain NaN/inf{more}; "
-                         "--skip-bad leaves such items out", str(name))
+        _raise_nonfinite(ids, bad, name)
     if len(bad) == len(ids):
         raise InputError(f"the features of every item ({len(ids)}) contain NaN/inf", str(name))
     skipped = [str(ids[i]) for i in bad]

@@ -15,7 +15,9 @@ Objectives (`pllcli pretrain --objective ...`):
 
 The output is an encoder checkpoint (`meta.kind == "encoder"`) for `train --init CKPT [--freeze]`.
 The encoder's input normalisation is set from the pretraining data. A loss curve goes to a
-JSONL log; `resume=True` continues from `<out>.resume.pt` written after every epoch.
+JSONL log; `resume=True` continues from `<out>.resume.pt` written after every epoch. With
+`cfg.data` stream (or auto over budget) one store is streamed from disk (`pllcli.training.stream`):
+the same crops of the same clips, other batch compositions.
 """
 from __future__ import annotations
 
@@ -119,9 +121,14 @@ class PretrainHeads(nn.Module):
         self.stride, self.n_mels, self.apc_shift = stride, n_mels, apc_shift
 
 
-def _encoder_stats(encoder: nn.Module, bank: ClipBank) -> None:
+def _encoder_stats(encoder: nn.Module, bank: ClipBank, mem=None) -> None:
+    """Input normalisation from the bank's frames (a subsample), or from `mem.stats()` when the
+    bank is streamed (features None)."""
     norm = getattr(encoder, "norm", None)
     if norm is not None and hasattr(norm, "set_stats"):
+        if bank.features is None:
+            norm.set_stats(*mem.stats())
+            return
         x = bank.features
         sub = x[:: max(1, len(x) // 200_000)]
         norm.set_stats(sub.mean(0), sub.std(0))
@@ -232,11 +239,36 @@ class PretrainNet(nn.Module):
                                   mask_span=c.mask_span, generator=generator)
 
 
-class PretrainTask(Task):
-    """Random crops of the clips of a ClipBank (two augmented views for contrastive)."""
+def crop_views(mem, rows, seed: int, epoch: int, i: int, crop_frames: int, min_frac: float, two: bool) -> dict:
+    """Batch `i` of `epoch`: random crops of `rows` of `mem` ({x, lengths[, x2, lengths2], seed, n});
+    `two` views (contrastive) of `min_frac`..1 of the crop length."""
+    rng = np.random.default_rng([seed, epoch, i, 1])
+    b = {"seed": (seed * 1_000_003 + epoch * 7919 + i) % (2**62), "n": len(rows)}
+    for k in (("x", "lengths"), ("x2", "lengths2")) if two else (("x", "lengths"),):
+        b[k[0]], b[k[1]] = mem.gather(rows, crop_frames, rng, None, min_frac)
+    return b
 
-    def __init__(self, net: PretrainNet, mem, cfg: PretrainConfig, augment: AugmentConfig, device, dist: Dist):
+
+class StreamViews:
+    """`StreamDataset(batch_fn=...)` of pretraining: `crop_views` of the batch's own clips (picklable)."""
+
+    def __init__(self, cfg: PretrainConfig):
+        two = cfg.objective == "contrastive"
+        self.args = (cfg.seed, cfg.crop_frames, cfg.crop_min_frac if two else 1.0, two)
+
+    def __call__(self, mem, rows, epoch: int, number: int) -> dict:
+        seed, crop, mf, two = self.args
+        return crop_views(mem, np.arange(len(rows)), seed, epoch, number, crop, mf, two)
+
+
+class PretrainTask(Task):
+    """Random crops of the clips of a ClipBank (two augmented views for contrastive), or the
+    batches of a StreamLoader (`loader`)."""
+
+    def __init__(self, net: PretrainNet, mem, cfg: PretrainConfig, augment: AugmentConfig, device, dist: Dist,
+                 loader=None):
         self.model, self.mem, self.cfg, self.aug, self.device, self.dist = net, mem, cfg, augment, device, dist
+        self.loader = loader
         n = len(mem.num_frames)
         steps = math.ceil(n / cfg.batch_size)
         if cfg.objective == "contrastive" and n % cfg.batch_size == 1:
@@ -245,6 +277,8 @@ class PretrainTask(Task):
 
     def phases(self) -> list[Phase]:
         params = list(self.model.model.encoder.parameters()) + list(self.model.heads.parameters())
+        if self.loader is not None:
+            return [Phase("pretrain", params, self.loader.epoch, self.loader)]
         return [Phase("pretrain", params, self._batches)]
 
     def _batches(self, epoch: int) -> list:
@@ -254,15 +288,13 @@ class PretrainTask(Task):
         return rank_slice([(i, b) for i, b in enumerate(out) if len(b) >= 2], self.dist.rank, self.dist.world)
 
     def batch(self, phase, key, epoch: int) -> dict:
+        if isinstance(key, dict):  # streamed: built by StreamViews, on the device
+            return key
         i, rows = key
-        rng = np.random.default_rng([self.cfg.seed, epoch, i, 1])
-        contrastive = self.cfg.objective == "contrastive"
-        mf = self.cfg.crop_min_frac if contrastive else 1.0
-        b = {"seed": (self.cfg.seed * 1_000_003 + epoch * 7919 + i) % (2**62), "n": len(rows)}
-        for k in (("x", "lengths"), ("x2", "lengths2")) if contrastive else (("x", "lengths"),):
-            x, ln = self.mem.gather(rows, self.cfg.crop_frames, rng, None, mf)
-            b[k[0]], b[k[1]] = x.to(self.device), ln.to(self.device)
-        return b
+        c = self.cfg
+        two = c.objective == "contrastive"
+        b = crop_views(self.mem, rows, c.seed, epoch, i, c.crop_frames, c.crop_min_frac if two else 1.0, two)
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()}
 
     def loss(self, phase, b: dict, step: Step):
         gen = torch.Generator().manual_seed(int(b["seed"]))
@@ -271,6 +303,8 @@ class PretrainTask(Task):
                                 x2=augment_batch(b["x2"], b["lengths2"], self.aug, gen), lengths2=b["lengths2"])
         else:
             loss = step.forward(b["x"], b["lengths"], generator=gen)
+        if b["n"] < 2 and self.cfg.objective == "contrastive":  # a streamed last batch of one clip
+            loss = 0.0 * loss
         return loss, {}, b["n"]
 
     def end_epoch(self, epoch: int) -> dict:
@@ -296,16 +330,25 @@ def pretrain(stores: Sequence[str | Path], out: str | Path, cfg: PretrainConfig,
     from pllcli.training.distributed import start
 
     dist, dev = start(device, cfg.seed)
-    bank = load_clip_bank(stores)
+    bank, mem, why = _open_bank(stores, cfg)
     n = len(bank)
     if cfg.objective == "contrastive" and n < 2:
         raise InputError(f"contrastive pretraining needs at least 2 clips, the stores hold {n}", str(stores[0]))
-    f = bank.features.shape[1]
+    f = mem.dim
     model = build_model(cfg.model, n_mels=f, num_classes=1, **cfg.model_options)
-    _encoder_stats(model.encoder, bank)
+    _encoder_stats(model.encoder, bank, mem)
     net = PretrainNet(model, _heads(model.encoder, cfg, f), cfg).to(dev)
-    mem = InMemoryFeatures(bank.features, bank.offsets)
-    task = PretrainTask(net, mem, cfg, augment or AugmentConfig.views(), dev, dist)
+    loader = None
+    if bank.features is None:
+        import os
+
+        from pllcli.training.stream import make_loader
+        loader = make_loader(mem.store, batch_size=cfg.batch_size, max_memory=cfg.max_memory,
+                             workers=cfg.loader_workers, device=dev, max_frames=cfg.crop_frames,
+                             procs=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), seed=cfg.seed, rank=dist.rank,
+                             world=dist.world, batch_fn=StreamViews(cfg))
+        log.info("%s", loader.describe())
+    task = PretrainTask(net, mem, cfg, augment or AugmentConfig.views(), dev, dist, loader=loader)
 
     out = Path(out)
     resume_path = out.with_name(out.name + ".resume.pt")
@@ -337,7 +380,34 @@ def pretrain(stores: Sequence[str | Path], out: str | Path, cfg: PretrainConfig,
     dist.barrier()
     dist.close()
     return {"output": str(out), "objective": str(cfg.objective), "clips": n, "epochs": cfg.epochs,
-            "final_loss": last, "log": str(log_path), "seconds": round(time.time() - t0, 2)}
+            "final_loss": last, "log": str(log_path), "seconds": round(time.time() - t0, 2),
+            "data": {"path": "memory" if loader is None else "stream", "reason": why}}
+
+
+def _open_bank(stores, cfg: PretrainConfig):
+    """(ClipBank, its InMemoryFeatures or StoreFeatures, data-path reason) for `cfg.data`; a streamed
+    bank (one store) has features None."""
+    from pllcli.features.store import FeatureStore
+    from pllcli.training.stream import StoreFeatures
+    from pllcli.training.trainer import data_path
+    from pllcli.features.config import check_compatible
+    for p in stores:
+        if not Path(p).exists():
+            raise InputError("no such file", str(p))
+    opened = [FeatureStore(p) for p in stores]
+    for p, fs in zip(stores[1:], opened[1:]):
+        check_compatible(opened[0].config, fs.config, f"feature store {p} vs {stores[0]}")
+    path, why = data_path(cfg, opened,
+                          {"several feature stores (pllcli merge them first)": len(stores) > 1,
+                           "max_batches_per_epoch": cfg.max_batches_per_epoch > 0})
+    log.info("%s", why)
+    if path == "memory":
+        bank = load_clip_bank(stores)
+        return bank, InMemoryFeatures(bank.features, bank.offsets), why
+    fs = FeatureStore(stores[0])
+    if len(fs.ids) == 0:
+        raise InputError("the feature stores hold no clips", str(stores[0]))
+    return ClipBank(None, fs.offsets, fs.ids, fs.config, [str(stores[0])]), StoreFeatures(fs), why
 
 
 def _heads(encoder: nn.Module, cfg: PretrainConfig, f: int) -> PretrainHeads:

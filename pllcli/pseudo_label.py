@@ -168,16 +168,19 @@ class _Ensemble:
     n_classes: int
 
     def probs(self, mem, rows: np.ndarray, progress: bool) -> np.ndarray:
-        """Mean teacher probabilities (len(rows), C) for rows of `mem` (InMemoryFeatures), batched
-        by length."""
-        order = np.argsort(mem.num_frames[rows], kind="stable")
+        """Mean teacher probabilities (len(rows), C) for rows of `mem` (InMemoryFeatures or
+        StoreFeatures, read in windows: `read_windows`), batched by length."""
+        from pllcli.training.inference import read_windows
         out = np.zeros((len(rows), self.n_classes), np.float32)
         bar = _Progress(len(rows), progress)
-        for s in range(0, len(order), self.batch_size):
-            pick = order[s:s + self.batch_size]
-            x, ln = mem.gather(rows[pick])
-            out[pick] = ensemble_probs(self.models, x.to(self.device), ln.to(self.device), self.multi).cpu().numpy()
-            bar.update(len(pick))
+        for src, local, where in read_windows(mem, rows, self.batch_size):
+            order = np.argsort(src.num_frames[local], kind="stable")
+            for s in range(0, len(order), self.batch_size):
+                pick = order[s:s + self.batch_size]
+                x, ln = src.gather(local[pick])
+                out[where[pick]] = ensemble_probs(self.models, x.to(self.device), ln.to(self.device),
+                                                  self.multi).cpu().numpy()
+                bar.update(len(pick))
         bar.close()
         return out
 
@@ -206,15 +209,17 @@ def pseudo_label(features: str | Path, teachers: Sequence[str | Path], labels: s
                  restrict_candidates: "bool | str | Path | None" = None, threshold: float | None = None,
                  top_n_per_class: int | None = None, temperature: float = 1.0, segment: float | None = None,
                  shard: tuple[int, int] = (0, 1), only_unlabeled: bool = False, batch_size: int = 64,
-                 device: str = "auto", progress: bool = False) -> dict:
+                 device: str = "auto", progress: bool = False, data_path: str = "auto",
+                 max_memory: int | None = None) -> dict:
     """Write soft labels for the items of `features` into a copy of `labels` at `out`; return a summary.
-    `restrict_candidates`: a label store path whose candidate sets restrict each item (True = `labels`)."""
+    `restrict_candidates`: a label store path whose candidate sets restrict each item (True = `labels`).
+    `data_path` (--data)/`max_memory`: load the store or read it lazily (`pllcli.training.stream.open_features`)."""
     from pllcli.checkpoint import check_feature_config
     from pllcli.features.store import FeatureStore
     from pllcli.io import provenance
     from pllcli.labels.store import align_ids, read_label_store, write_label_store
     from pllcli.runtime import resolve_device
-    from pllcli.training.data import InMemoryFeatures
+    from pllcli.training.stream import open_features
 
     if temperature <= 0:
         raise UsageError("--temperature must be > 0")
@@ -242,7 +247,7 @@ def pseudo_label(features: str | Path, teachers: Sequence[str | Path], labels: s
     frows = np.array_split(np.arange(len(fs)), n)[i]
     if only_unlabeled:
         frows = frows[data.unlabeled[lrow[frows]]]
-    feats, offsets = fs.load_all()
+    mem = open_features(fs, data_path, max_memory)
     cand_all, has_cand = _restriction(data, labels, restrict_candidates, np.asarray(fs.ids), frows)
     for m in models:
         m.eval()
@@ -252,7 +257,7 @@ def pseudo_label(features: str | Path, teachers: Sequence[str | Path], labels: s
     ens = _Ensemble(models, dev, multi, batch_size, len(t_classes))
     post = dict(temperature=temperature, multi_label=multi)
     if segment is None:
-        probs = ens.probs(InMemoryFeatures(feats, offsets), frows, progress)
+        probs = ens.probs(mem, frows, progress)
         p = postprocess(probs, cand=cand_all, has_cand=has_cand, **post)
         keep, p = confidence_filter(p, threshold, top_n_per_class, multi)
         data.set_soft(lrow[frows[keep]], p[keep])
@@ -261,7 +266,7 @@ def pseudo_label(features: str | Path, teachers: Sequence[str | Path], labels: s
                         "mean_max_prob_kept": float(p[keep].max(1).mean()) if keep.any() else None,
                         "mean_max_prob_all": float(p.max(1).mean()) if len(p) else None})
     else:
-        cp, chunks = _segment_probs(ens, feats, offsets, fs.config, frows, segment, progress)
+        cp, chunks = _segment_probs(ens, mem, fs.config, frows, segment, progress)
         crow = np.searchsorted(frows, chunks[0])  # frows is sorted: each chunk's row among them
         cc = cand_all[crow] if cand_all is not None else None
         hc = has_cand[crow] if has_cand is not None else None
@@ -286,11 +291,12 @@ def pseudo_label(features: str | Path, teachers: Sequence[str | Path], labels: s
     return summary
 
 
-def _segment_probs(ens: _Ensemble, feats, offsets, config, frows, segment: float, progress: bool):
+def _segment_probs(ens: _Ensemble, mem, config, frows, segment: float, progress: bool):
     """PSL: ensemble probabilities (S, C) of consecutive `segment`-second chunks of the clips of
-    `frows`, and the chunks (feature row (S,), start frame (S,), frames (S,))."""
-    from pllcli.training.data import InMemoryFeatures
-    nf = np.diff(offsets)
+    `frows` of `mem` (in memory or read lazily), and the chunks (feature row (S,), start frame
+    (S,), frames (S,))."""
+    from pllcli.training.inference import chunk_view
+    nf = mem.num_frames
     hop_s = config.hop_length / config.sample_rate
     seg_frames = max(1, int(round(segment / hop_s)))
     longest = int(nf[frows].max()) if len(frows) else 0
@@ -300,14 +306,11 @@ def _segment_probs(ens: _Ensemble, feats, offsets, config, frows, segment: float
     short = int((nf[frows] < seg_frames).sum())
     if short:
         log.warning("%d clips are shorter than the %gs segment; each becomes one segment", short, segment)
-    # the chunks of every clip partition the frames, so their bounds serve as a store's offsets
-    per_clip = np.maximum(1, -(-nf // seg_frames))
-    owner = np.repeat(np.arange(len(nf)), per_clip)
-    starts = (np.arange(len(owner)) - np.repeat(np.cumsum(per_clip) - per_clip, per_clip)) * seg_frames
-    ends = np.minimum(starts + seg_frames, nf[owner])
-    mem = InMemoryFeatures(feats, np.concatenate([[0], offsets[owner] + ends]).astype(np.int64))
+    # consecutive chunks tile every clip: a view of the same frames with the chunks as items
+    view, owner = chunk_view(mem, seg_frames)
+    starts = view.offsets[:-1] - mem.offsets[owner]
     mine = np.flatnonzero(np.isin(owner, frows))
-    return ens.probs(mem, mine, progress), (owner[mine], starts[mine], mem.num_frames[mine])
+    return ens.probs(view, mine, progress), (owner[mine], starts[mine], view.num_frames[mine])
 
 
 def _set_segments(data, lrow, chunks, cp, keep, config) -> dict:

@@ -369,3 +369,131 @@ def test_bench_encoder_script_runs(tmp_path, capsys):
     out = json.loads((tmp_path / "b.json").read_text())
     assert (out["n_train"], out["n_test"]) == (20, 50) and len(out["rows"]) == 3
     assert all(0 <= r["accuracy"] <= 1 for r in out["rows"]) and "frames " in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ featurize --encoder (R1-R3)
+
+def _enc_corpus(tmp_path, n=8):
+    """n 16 kHz clips: even ones 1000 samples (< min_duration=0.1s: padded), odd ones 3000."""
+    import soundfile as sf
+    (tmp_path / "audio").mkdir()
+    rows = ["id,path"]
+    for i in range(n):
+        p = tmp_path / "audio" / f"c{i}.wav"
+        sf.write(p, _wave(1000 if i % 2 == 0 else 3000, i) + 0.2 * (i % 2), 16000, subtype="FLOAT")
+        rows.append(f"c{i},{p}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "m.csv"
+
+
+def _frames_graph(folder, bias=0.0):
+    m = _Frames().eval()
+    with torch.no_grad():
+        m.conv.bias += bias
+    folder.mkdir(exist_ok=True)
+    return _export(m, torch.zeros(1, 64), folder / "frames.onnx", "wave")
+
+
+def _store(path):
+    from pllcli.features.store import FeatureStore
+    with FeatureStore(path) as s:
+        return s.config, s.load_all()[0], s.ids.tolist(), s.num_frames.tolist()
+
+
+def test_featurize_encoder_store_jobs_resume_and_padded_count(tmp_path, cli_inproc):
+    import json
+
+    from pllcli.features.config import FeatureConfig, encoder_config
+    from pllcli.features.extract import featurize
+    man = _enc_corpus(tmp_path)
+    spec = f"onnx:{_frames_graph(tmp_path / 'a')},min_duration=0.1s"
+    code, out, err = cli_inproc("featurize", man, "-o", tmp_path / "j1.h5", "--encoder", spec, "--chunk-size", 3,
+                                "--json", tmp_path / "s.json")
+    assert code == 0, err
+    assert out.count("4 zero-padded to the encoder's minimum length") == 1 and "zero samples" not in err + out
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["files_padded"] == 4 and s["warnings"] == []
+    cfg, feats, ids, nfr = _store(tmp_path / "j1.h5")
+    enc = build_encoder(spec)
+    ident = json.loads(cfg.encoder)
+    assert cfg.frontend == "encoder" and ident == enc.identity() and set(ident["sha256"]) == {"graph"}
+    assert cfg.hash() == s["feature_config_hash"] != FeatureConfig.preset("speech16k").hash()
+    other = encoder_config(f"onnx:{_frames_graph(tmp_path / 'b', 0.1)},min_duration=0.1s")
+    assert other.hash() != cfg.hash()                     # same shapes, other file sha256
+    assert nfr == [enc.num_frames(1600 if i % 2 == 0 else 3000) for i in range(8)] and feats.shape[1] == 4
+    import soundfile as sf
+    x, _ = sf.read(tmp_path / "audio" / "c3.wav", dtype="float32")
+    np.testing.assert_array_equal(feats[sum(nfr[:3]):sum(nfr[:4])], enc.embed(x))
+    assert cli_inproc("featurize", man, "-o", tmp_path / "j2.h5", "--encoder", spec, "--jobs", 2,
+                      "--chunk-size", 3)[0] == 0
+    cfg2, feats2, ids2, _ = _store(tmp_path / "j2.h5")
+    assert cfg2.hash() == cfg.hash() and ids2 == ids and feats2.tobytes() == feats.tobytes()
+
+    def stop(k):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        featurize(str(man), tmp_path / "r.h5", cfg, chunk_size=3, progress=False, on_chunk=stop)
+    code, out, err = cli_inproc("featurize", man, "-o", tmp_path / "r.h5", "--encoder", spec, "--chunk-size", 3,
+                                "--json", tmp_path / "r.json")
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0 and r["chunks_resumed"] == 1 and r["files_padded"] == 4
+    assert _store(tmp_path / "r.h5")[1].tobytes() == feats.tobytes()
+    code, _, err = cli_inproc("featurize", man, "-o", tmp_path / "x.h5", "--encoder", spec, "--n-mels", 8)
+    assert code != 0 and "--encoder" in err and "--n-mels" in err
+    code, _, err = cli_inproc("featurize", man, "-o", tmp_path / "x.h5", "--encoder", "onnx:/nope.onnx")
+    assert code != 0 and "--encoder" in err and err.count("\n") == 1
+
+
+def test_encoder_store_train_predict_mismatch_and_export_parity(tmp_path):
+    import csv
+
+    from pllcli.export import Runner, export
+    from pllcli.features.config import encoder_config
+    from pllcli.features.extract import featurize
+    from pllcli.labels.store import LabelData, write_label_store
+    from pllcli.predict import predict
+    from pllcli.training.trainer import TrainConfig, train
+    man = _enc_corpus(tmp_path)
+    spec = f"onnx:{_frames_graph(tmp_path / 'a')},min_duration=0.1s"
+    featurize(str(man), tmp_path / "a.h5", encoder_config(spec), chunk_size=3, progress=False)
+    featurize(str(man), tmp_path / "b.h5", encoder_config(f"onnx:{_frames_graph(tmp_path / 'b', 0.1)},"
+                                                          "min_duration=0.1s"), progress=False)
+    write_label_store(tmp_path / "l.h5", LabelData.new([f"c{i}" for i in range(8)], ["short", "long"],
+                                                       clean=[i % 2 for i in range(8)]), {})
+    train(TrainConfig(features=str(tmp_path / "a.h5"), labels=str(tmp_path / "l.h5"), outdir=str(tmp_path / "run"),
+                      epochs=2, batch_size=4, model_options={"width": 4, "rnn_hidden": 8, "proj": 8},
+                      device="cpu", valid_fraction=0.0, progress=False, top_k=0, objectives=["ce"]))
+    ck = tmp_path / "run" / "last.pt"
+    with pytest.raises(ConfigMismatchError, match="encoder differs: .*sha256"):
+        predict(ck, tmp_path / "b.h5", tmp_path / "b.csv", device="cpu")
+    with pytest.raises(ConfigMismatchError, match="encoder differs: .*sha256"):
+        train(TrainConfig(features=str(tmp_path / "b.h5"), labels=str(tmp_path / "l.h5"),
+                          outdir=str(tmp_path / "run2"), init=str(ck), epochs=1, batch_size=4, device="cpu",
+                          valid_fraction=0.0, progress=False, top_k=0, objectives=["ce"]))
+    predict(ck, tmp_path / "audio", tmp_path / "p.csv", device="cpu", top_k_n=2)
+    with open(tmp_path / "p.csv") as f:
+        got = {(r["id"], r[k]): float(r[p]) for r in csv.DictReader(f)
+               for k, p in (("label", "prob"), ("label_2", "prob_2"))}
+    export(ck, tmp_path / "m.onnx")
+    run = Runner(tmp_path / "m.onnx")
+    import soundfile as sf
+    for i in (0, 1):
+        x, _ = sf.read(tmp_path / "audio" / f"c{i}.wav", dtype="float32")
+        probs = run(x[None])[1][0]
+        for c, lab in enumerate(["short", "long"]):
+            assert probs[c] == pytest.approx(got[(f"c{i}", lab)], abs=1e-4)
+
+
+def test_with_encoder_relocates_same_files_and_refuses_others(tmp_path):
+    import shutil
+
+    from pllcli.features.config import FeatureConfig, encoder_config
+    cfg = encoder_config(f"onnx:{_frames_graph(tmp_path / 'a')}")
+    (tmp_path / "moved").mkdir()
+    shutil.copy(tmp_path / "a" / "frames.onnx", tmp_path / "moved" / "frames.onnx")
+    moved = FeatureConfig.from_dict(cfg.to_dict()).with_encoder(f"onnx:{tmp_path / 'moved' / 'frames.onnx'}")
+    assert moved.hash() == cfg.hash() and "moved" in moved.encoder_spec
+    with pytest.raises(ConfigMismatchError, match="encoder differs: .*sha256"):
+        cfg.with_encoder(f"onnx:{_frames_graph(tmp_path / 'b', 0.1)}")
+    with pytest.raises(UsageError, match="logmel, not an encoder"):
+        FeatureConfig.preset("speech8k").with_encoder(f"onnx:{tmp_path / 'moved' / 'frames.onnx'}")

@@ -5,7 +5,6 @@ import math
 import os
 import pickle
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +121,7 @@ def test_stacked_features_equal_per_clip_list():
     assert stacked_features([], c)[0].shape == (0, c.n_mels) and compute_features([], c) == []
 
 
-def test_parallel_run_reports_a_failing_worker(monkeypatch):
+def test_parallel_run_reports_a_failing_worker():
     import multiprocessing as mp
 
     from pllcli.features import pool
@@ -157,7 +156,7 @@ def _children() -> list[int]:
     return kids
 
 
-def test_parallel_run_reports_a_killed_worker(monkeypatch):
+def test_parallel_run_reports_a_killed_worker():
     import signal
 
     import multiprocessing as mp
@@ -179,7 +178,7 @@ def test_parallel_run_reports_a_killed_worker(monkeypatch):
     assert len(seen) <= 49 and _children() == []  # the worker's task never came back
 
 
-def test_parallel_run_returns_finished_workers_and_calls_idle(monkeypatch):
+def test_parallel_run_returns_finished_workers_and_calls_idle():
     import multiprocessing as mp
 
     from pllcli.features import pool

@@ -682,4 +682,6 @@ def test_cli_choices_are_the_librarys():
     from pllcli.cli import featurize as cmd
     from pllcli.features import config as C
     assert [p.value for p in cmd.Preset] == list(C.PRESETS)
-    assert tuple(f.value for f in cmd.Frontend) == C.FRONTENDS and tuple(t.value for t in cmd.Dtype) == C.DTYPES
+    # frontend "encoder" is chosen with --encoder SPEC, not --frontend
+    assert tuple(f.value for f in cmd.Frontend) + ("encoder",) == C.FRONTENDS
+    assert tuple(t.value for t in cmd.Dtype) == C.DTYPES

@@ -153,3 +153,16 @@ def test_lhotse_manifests_written_by_lhotse(tmp_path, audio):
         np.testing.assert_allclose(fs.durations, [1.3, 1.5], atol=1e-6)
         np.testing.assert_array_equal(fs.get("u2"), _expected(audio / "rb.wav", 1.0, 2.5))
     np.testing.assert_array_equal(s.load_all()[0], c.load_all()[0])
+
+
+def test_lhotse_entries_with_missing_fields_name_the_line(tmp_path, audio, capsys):
+    _write_jsonl(tmp_path / "cuts.jsonl", [
+        {"id": "c1", "start": 0.0, "duration": 0.5, "recording": _rec("ra", str(audio / "ra.wav"), 2 * SR)},
+        {"id": "c2", "start": 0.0, "recording": _rec("ra", str(audio / "ra.wav"), 2 * SR)}])
+    assert cli("featurize", tmp_path / "cuts.jsonl", "-o", tmp_path / "o.h5") == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'cuts.jsonl'}:2: not a lhotse cuts entry (missing or bad field 'duration')"
+    # a folder of audio with a file merely named *recordings*.jsonl is still scanned as audio
+    (audio / "recordings_notes.jsonl").write_text('{"note": "not lhotse"}\n')
+    assert cli("featurize", audio, "-o", tmp_path / "d.h5") == 0
+    assert list(FeatureStore(tmp_path / "d.h5").ids) == ["ra", "rb"]

@@ -333,3 +333,19 @@ def test_json_report_never_replaces_a_store_or_an_input(art, tmp_path):
                 "--json", tmp_path / "old.json")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "old.json").read_text())["items"] == 1
+
+
+def test_predict_streams_the_store_with_the_same_results(art, tmp_path):
+    from pllcli.predict import predict
+    predict(art / "m.pt", art / "f.h5", tmp_path / "mem.jsonl", top_k_n=3, device="cpu", data="memory")
+    predict(art / "m.pt", art / "f.h5", tmp_path / "st.jsonl", top_k_n=3, device="cpu", data="stream")
+    mem = [json.loads(ln) for ln in (tmp_path / "mem.jsonl").read_text().splitlines()]
+    st = [json.loads(ln) for ln in (tmp_path / "st.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in st] == [r["id"] for r in mem] and [r["labels"] for r in st] == [r["labels"] for r in mem]
+    np.testing.assert_allclose([r["probs"] for r in st], [r["probs"] for r in mem], atol=1e-6)
+    r = run_cli("predict", art / "m.pt", art / "nan.h5", "--data", "stream", "--device", "cpu")
+    assert r.returncode == 1 and "features of item 'b' contain NaN/inf" in r.stderr
+    r = run_cli("predict", art / "m.pt", art / "nan.h5", "--data", "stream", "--skip-bad", "--device", "cpu")
+    assert r.returncode == 2 and "--data stream does not support --skip-bad" in r.stderr
+    r = run_cli("predict", art / "m.pt", art / "f.h5", "--max-memory", "1K", "--device", "cpu")
+    assert r.returncode == 0 and "data path: stream" in r.stderr, r.stderr

@@ -59,3 +59,15 @@ def test_student_and_mean_teacher_rows_run_and_report(bench):
     assert results["psl_frames"]["pseudo_labelled_clips"] == 6           # the unlabeled clips
     assert results["psl_segments_chunks"]["segments"] == (12 + 6) * 4    # 2 s clips in 0.5 s segments
     assert results["crnn_attention_mt"]["unlabeled_clips"] == 6
+    assert results["crnn_attention_mt"]["last_consistency_mse"] >= 0.0
+
+
+def test_fit_crnn_on_soft_targets_below_one_half(bench):
+    # a weak teacher: no segment target reaches 0.5 -> half-and-half uses the more confident half
+    torch.set_num_threads(1)
+    D = _tiny_corpus(np.random.default_rng(1))
+    a = SimpleNamespace(seed=0, width=4, batch_size=4, lr=1e-3, epochs=1)
+    soft = np.random.default_rng(2).uniform(0.0, 0.4, (12, 3)).astype(np.float32)
+    model = bench.fit_crnn(D, "attention", a, D["Xtr"], D["Ltr"], soft)
+    clip, frames = bench._forward(model, D["Xte"], D["Lte"])
+    assert clip.shape == (4, 3) and frames[0].shape == (20, 3)

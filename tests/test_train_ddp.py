@@ -31,6 +31,36 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "averaged.pt").exists()
 
 
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+def test_torchrun_two_cpu_processes_stream_their_own_share(tmp_path):
+    """--data stream under torchrun: each rank streams its share (rank r/2 in its plan line), the
+    same steps as the memory path, rank 0 alone writes and prints; pretrain prints once too."""
+    y = make_features(tmp_path / "f.h5", n=64)
+    make_labels(tmp_path / "l.h5", y)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    base = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "pllcli"]
+    cmd = base + ["train", str(tmp_path / "f.h5"), "--labels", str(tmp_path / "l.h5"), "-o", str(tmp_path / "run"),
+                  "--epochs", "2", "--batch-size", "8", "--model-opt", "width=4,rnn_hidden=8,proj=8",
+                  "--device", "cpu", "--valid-fraction", "0", "--data", "stream"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "rank 0/2" in r.stderr and "rank 1/2" in r.stderr and r.stderr.count("data path: stream") == 2
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    # 16 clean items at a quarter of each batch (2 of 8), 48 others 6 a batch over 2 ranks: 4 steps each
+    assert len(log) == 2 and [x["step"] for x in log] == [4, 8]
+    assert sorted(r.stdout.split()) == sorted(str(tmp_path / "run" / n) for n in
+                                              ("best.pt", "last.pt", "averaged.pt", "log.jsonl", "summary.json"))
+    cmd = base + ["pretrain", str(tmp_path / "f.h5"), "-o", str(tmp_path / "enc.pt"), "--epochs", "1",
+                  "--batch-size", "8", "--model-opt", "width=4,rnn_hidden=8,proj=8", "--device", "cpu",
+                  "--data", "stream"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [str(tmp_path / "enc.pt"), str(tmp_path / "enc.log.jsonl")]  # rank 0 only
+    assert [json.loads(x)["step"] for x in (tmp_path / "enc.log.jsonl").read_text().splitlines()] == [4]
+
+
 def test_a_torchrun_rank_leaves_without_interpreter_teardown(monkeypatch):
     """pllcli.cli.app.main ends a torchrun rank with os._exit after flushing (a gloo rank could
     abort in the interpreter's teardown after all its work was written)."""

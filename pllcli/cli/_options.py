@@ -58,3 +58,30 @@ def output_or_positional(output: Optional[Path], positional: Optional[Path], com
     if output is None and default is None:
         raise UsageError(f"missing option -o/--output (see 'pllcli {command} -h')")
     return output if output is not None else default
+
+
+def positional_output(metavar: str, what: str):
+    """typer.Argument for the deprecated positional spelling of a command's output (hidden; kept
+    for one release, issue 18). `what` names the output in the help: 'the label store to write'."""
+    return typer.Argument(metavar=metavar, hidden=True, help=f"Deprecated: {what}; use -o/--output.")
+
+
+def output_option(metavar: str, help: str):
+    """typer.Option for a command's one output, -o/--output PATH (issue 18)."""
+    return typer.Option("--output", "-o", metavar=metavar, help=help)
+
+
+def valued_option(flag: str, metavar: str, help: str, panel: Optional[str] = None, **kw):
+    """typer.Option for a flag with a value (`--voice FILE`), optionally in a --help panel."""
+    return typer.Option(flag, metavar=metavar, help=help, rich_help_panel=panel, **kw)
+
+
+def file_option(flag: str, help: str, panel: Optional[str] = None):
+    """typer.Option for an input file: `--vocab FILE`."""
+    return valued_option(flag, "FILE", help, panel)
+
+
+def duration_option(flag: str, help: str, panel: Optional[str] = None):
+    """typer.Option for a duration: 2s, 500ms or a plain number of seconds (the command parses it
+    with pllcli.io.parse_duration)."""
+    return valued_option(flag, "DURATION", help, panel)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pllcli.cli._options import JsonOut, Seed
+from pllcli.cli._options import JsonOut, Seed, output_option, positional_output
 
 
 class Size(str, Enum):
@@ -17,10 +17,8 @@ class Size(str, Enum):
 
 
 def demo(
-    outdir_pos: Annotated[Optional[Path], typer.Argument(
-        metavar="[DIR]", hidden=True, help="Deprecated: the working folder; use -o/--output.")] = None,
-    output: Annotated[Optional[Path], typer.Option(
-        "-o", "--output", metavar="DIR", help="Working folder (created; default: runs/demo).")] = None,
+    outdir_pos: Annotated[Optional[Path], positional_output("[DIR]", "the working folder")] = None,
+    output: Annotated[Optional[Path], output_option("DIR", "Working folder (created; default: runs/demo).")] = None,
     size: Annotated[Size, typer.Option("--size", help="Corpus size and epochs; wall time on 2 CPU cores, free "
                                        "to shared with other jobs: default (1,500 messages, 12 epochs, two "
                                        "trainings) 2-16 min; small (500, 10 epochs) 2-5 min; tiny (120, 2 "

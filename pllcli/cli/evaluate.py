@@ -7,6 +7,8 @@ from typing import Annotated, List, Optional
 import typer
 
 from pllcli.cli._options import BatchSize, Device, JsonOut
+from pllcli.cli.train import Data, MaxMemory
+from pllcli.training.config import DataPath
 
 _SED = "Sound events (strong truth)"
 
@@ -58,12 +60,15 @@ def evaluate_cmd(
         "checkpoint's segment length if it was trained with --segment-labels; 0 = whole clips).")] = None,
     batch_size: BatchSize = 32,
     device: Device = "auto",
+    data: Data = DataPath.auto,
+    max_memory: MaxMemory = None,
 ):
     """Score a model or a predictions file against ground truth: clip metrics (accuracy, F1,
     ECE / mAP, lwlrap, AUC, d'), PLL metrics; for strong truth frame, segment, collar and
     intersection F1 and PSDS1 / PSDS2 (sed_scores_eval, pip install 'pllcli\\[sed]')."""
     from pllcli.errors import UsageError
     from pllcli.evaluate import evaluate, make_plots, render
+    from pllcli.cli.train import memory_bytes
     from pllcli.io import parse_duration, write_json
     if predictions is not None or frame_scores is not None:
         if len(inputs) != 1:
@@ -81,7 +86,8 @@ def evaluate_cmd(
                       estimated_events=events, candidates=candidates, batch_size=batch_size, device=device,
                       threshold=threshold, t_collar=parse_duration(collar, "--collar"),
                       percentage_of_length=offset_pct, segment_resolution=parse_duration(segment, "--segment"),
-                      n_bins=bins, chunk=chunk_s, median=median)
+                      n_bins=bins, chunk=chunk_s, median=median, data=data,
+                      max_memory=memory_bytes(max_memory))
     if plots is not None:
         result.report["plots"] = make_plots(result, plots, train_log)
     if json_out != "-":

@@ -55,6 +55,12 @@ def featurize_cmd(
     fmax: Annotated[Optional[float], typer.Option("--fmax", help="Override: highest frequency (Hz; <=0: Nyquist+fmax).")] = None,
     log_offset: Annotated[Optional[float], typer.Option("--log-offset", help="Override: log offset/floor.")] = None,
     dtype: Annotated[Optional[Dtype], typer.Option("--dtype", help="Storage dtype: float32 or float16.")] = None,
+    encoder: Annotated[Optional[str], typer.Option("--encoder", metavar="SPEC", help=(
+        "Store a pretrained encoder's frames (T', D) instead of log-mel (--preset and the overrides "
+        "then do not apply). Kinds: onnx:DIR (speech_embedding pair: melspectrogram.onnx + "
+        "embedding_model.onnx), onnx:embedding=E.onnx,melspec=M.onnx,mel_scale=0.1,mel_offset=2, "
+        "onnx:FRAMES.onnx,hop=N (one waveform->frames graph), torchaudio:WAV2VEC2_BASE,layer=6 "
+        "(bundle weights from the torch hub cache); keys pad=centre|end, min_duration=1.5s."))] = None,
     max_duration: Annotated[str, typer.Option("--max-duration", metavar="DURATION", help=(
         "Decode at most this much of one file (2s, 1.5m, 1h or seconds); longer files are cut, "
         "with a warning."))] = "1h",
@@ -75,7 +81,7 @@ def featurize_cmd(
     report: Annotated[Optional[str], typer.Option("--report", metavar="FILE", hidden=True,
                                                   help="Deprecated spelling of --json.")] = None,
 ):
-    """Compute log-mel / Kaldi fbank features for audio files into one HDF5 store.
+    """Compute log-mel / Kaldi fbank features, or a pretrained encoder's frames, into one HDF5 store.
 
     Batched, parallel (--jobs), sharded (--shard I/N, then `pllcli merge`) and resumable:
     rerun the same command after an interruption and finished chunks are kept.
@@ -85,7 +91,7 @@ def featurize_cmd(
 
     from pllcli.cli._state import settings
     from pllcli.errors import StrictModeError, UsageError
-    from pllcli.features.config import config_from_options
+    from pllcli.features.config import config_from_options, encoder_config
     from pllcli.features.extract import DEFAULT_CHUNK, featurize
     from pllcli.io import parse_duration, parse_shard, write_json
 
@@ -93,9 +99,15 @@ def featurize_cmd(
     if report is not None and json_out is not None:
         raise UsageError("give --json only (--report is its deprecated spelling)")
     report = json_out if json_out is not None else report
-    config = config_from_options(preset.value, frontend=frontend and frontend.value, sample_rate=sample_rate,
-                                 n_mels=n_mels, n_fft=n_fft, win_length=win_length, hop_length=hop_length,
-                                 fmin=fmin, fmax=fmax, log_offset=log_offset, dtype=dtype and dtype.value)
+    overrides = dict(frontend=frontend and frontend.value, sample_rate=sample_rate, n_mels=n_mels, n_fft=n_fft,
+                     win_length=win_length, hop_length=hop_length, fmin=fmin, fmax=fmax, log_offset=log_offset)
+    if encoder is not None:
+        given = [k for k, v in overrides.items() if v is not None]
+        if given:
+            raise UsageError(f"--encoder sets the frames itself; drop --{given[0].replace('_', '-')}")
+        config = encoder_config(encoder, dtype and dtype.value)
+    else:
+        config = config_from_options(preset.value, dtype=dtype and dtype.value, **overrides)
     exts = tuple(e.strip() for e in ext.split(",") if e.strip()) if ext else None
     kwargs = {"extensions": exts} if exts else {}
     try:
@@ -119,7 +131,9 @@ def summary_line(s: dict) -> str:
     """The one line featurize ends with: counts, skips by reason, speed, the output path."""
     reasons = ", ".join(f"{n} {r}" for r, n in sorted(s["skipped_by_reason"].items()))
     extra = [f"{s[k]} {what}" for k, what in (("files_resumed", "resumed"), ("files_changed", "redone (changed since)"),
-                                                ("files_cut", "cut to --max-duration")) if s.get(k)]
+                                                ("files_cut", "cut to --max-duration"),
+                                                ("files_padded", "zero-padded to the encoder's minimum length"))
+             if s.get(k)]
     msg = (f"featurized {s['files_done']} files ({s['files_skipped']} skipped{': ' + reasons if reasons else ''}"
            f"{''.join(', ' + e for e in extra)}), {s['audio_seconds']:.1f} s audio in {s['wall_seconds']:.2f} s, "
            f"{s['x_real_time'] or 0:.0f}x real time -> {s['output']}")

@@ -6,9 +6,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from pllcli.cli._options import BatchSize, CheckpointPath, Device, JsonOut, RestrictCandidates
+from pllcli.cli._options import (BatchSize, CheckpointPath, Device, JsonOut, RestrictCandidates, duration_option,
+                                 file_option, valued_option)
+from pllcli.cli.train import Data, MaxMemory  # (H5 moves these to _options)
+from pllcli.training.config import DataPath
 
 _EV = "Frame-level outputs"
+_THRESHOLDS = "T|CLASS=T,..."  # metavar of --threshold and --low
 
 
 def predict_cmd(
@@ -26,42 +30,36 @@ def predict_cmd(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace an existing output that is not a predictions table.")] = False,
     out_old: Annotated[Optional[str], typer.Option("--out", hidden=True, help="Deprecated: use -o/--output.")] = None,
-    events: Annotated[Optional[str], typer.Option(
-        "--events", metavar="FILE", help="Frame-level models: write thresholded events (id onset offset "
-                                         "label) as TSV ('-' = stdout).", rich_help_panel=_EV)] = None,
-    frame_scores: Annotated[Optional[str], typer.Option(
-        "--frame-scores", metavar="PATH", help="Frame-level models: write per-frame class probabilities: a "
-        "folder of <id>.tsv score files (onset, offset, one column per class; the sed_scores_eval layout "
-        "DCASE tools read), or one table with an id column for a PATH ending in .tsv.",
-        rich_help_panel=_EV)] = None,
-    threshold: Annotated[str, typer.Option(
-        "--threshold", metavar="T|CLASS=T,...", help="Event threshold on frame probability: one value, or "
-        "per class (dog=0.3,cat=0.6, with an optional default first: 0.5,dog=0.3).", rich_help_panel=_EV)] = "0.5",
-    low: Annotated[Optional[str], typer.Option(
-        "--low", metavar="T|CLASS=T,...", help="Hysteresis: an event starts at --threshold and lasts while the "
-        "probability stays >= this (same forms as --threshold).", rich_help_panel=_EV)] = None,
-    median: Annotated[str, typer.Option(
-        "--median", metavar="N|DURATION", help="Median filter: N frames (odd integer), or a duration (450ms, "
-        "0.45s) rounded to an odd number of frames.", rich_help_panel=_EV)] = "1",
-    min_duration: Annotated[str, typer.Option(
-        "--min-duration", metavar="DURATION", help="Drop events shorter than this (200ms, 0.2 or 0 = keep all).",
-        rich_help_panel=_EV)] = "0",
-    min_gap: Annotated[str, typer.Option(
-        "--min-gap", metavar="DURATION", help="Merge events of one class separated by less than this "
-        "(100ms, 0.1 or 0 = never).", rich_help_panel=_EV)] = "0",
-    tune_labels: Annotated[Optional[Path], typer.Option(
-        "--tune-labels", metavar="LABELS", help="Pick each class's threshold for the best event F1 on these "
-        "strong labels (label store or id,onset,offset,label TSV) of --tune-features.", rich_help_panel=_EV)] = None,
-    tune_features: Annotated[Optional[Path], typer.Option(
-        "--tune-features", metavar="FEATURES", help="Validation feature store for --tune-labels.",
-        rich_help_panel=_EV)] = None,
+    events: Annotated[Optional[str], file_option("--events", "Frame-level models: write thresholded events (id "
+                                                 "onset offset label) as TSV ('-' = stdout).", _EV)] = None,
+    frame_scores: Annotated[Optional[str], valued_option(
+        "--frame-scores", "PATH", "Frame-level models: write per-frame class probabilities: a folder of <id>.tsv "
+        "score files (onset, offset, one column per class; the sed_scores_eval layout DCASE tools read), or one "
+        "table with an id column for a PATH ending in .tsv.", _EV)] = None,
+    threshold: Annotated[str, valued_option("--threshold", _THRESHOLDS, "Event threshold on frame probability: "
+        "one value, or per class (dog=0.3,cat=0.6, with an optional default first: 0.5,dog=0.3).", _EV)] = "0.5",
+    low: Annotated[Optional[str], valued_option("--low", _THRESHOLDS, "Hysteresis: an event starts at --threshold "
+                                                "and lasts while the probability stays >= this (same forms as "
+                                                "--threshold).", _EV)] = None,
+    median: Annotated[str, valued_option("--median", "N|DURATION", "Median filter: N frames (odd integer), or a "
+                                         "duration (450ms, 0.45s) rounded to an odd number of frames.", _EV)] = "1",
+    min_duration: Annotated[str, duration_option(
+        "--min-duration", "Drop events shorter than this (200ms, 0.2 or 0 = keep all).", _EV)] = "0",
+    min_gap: Annotated[str, duration_option("--min-gap", "Merge events of one class separated by less than this "
+                                            "(100ms, 0.1 or 0 = never).", _EV)] = "0",
+    tune_labels: Annotated[Optional[Path], valued_option("--tune-labels", "LABELS", "Pick each class's threshold "
+        "for the best event F1 on these strong labels (label store or id,onset,offset,label TSV) of "
+        "--tune-features.", _EV)] = None,
+    tune_features: Annotated[Optional[Path], valued_option(
+        "--tune-features", "FEATURES", "Validation feature store for --tune-labels.", _EV)] = None,
     segment_classes: Annotated[bool, typer.Option(
         "--segment-classes", help="WHEN/WHO checkpoints: each detected segment gets the one tag WHO scores "
         "highest on that segment (default: every likely tag of the clip).", rich_help_panel=_EV)] = False,
-    chunk: Annotated[Optional[str], typer.Option(
-        "--chunk", metavar="DURATION", help="Average clip scores over chunks of this length (2s, 500ms or "
-        "seconds; default: the checkpoint's segment length if it was trained with --segment-labels; "
-        "0 = whole clips).")] = None,
+    chunk: Annotated[Optional[str], duration_option(
+        "--chunk", "Average clip scores over chunks of this length (2s, 500ms or seconds; default: the "
+        "checkpoint's segment length if it was trained with --segment-labels; 0 = whole clips).")] = None,
+    data: Data = DataPath.auto,
+    max_memory: MaxMemory = None,
     device: Device = "auto",
     batch_size: BatchSize = 64,
     json_out: JsonOut = None,
@@ -70,6 +68,7 @@ def predict_cmd(
     frame-level models)."""
     import sys
 
+    from pllcli.cli.train import memory_bytes
     from pllcli.io import write_json
     from pllcli.predict import predict
     if out_old is not None:
@@ -85,6 +84,7 @@ def predict_cmd(
                       events=events, frame_scores=frame_scores, threshold=threshold, median=median,
                       min_duration=_seconds_or_zero(min_duration, "--min-duration"), chunk=_chunk_seconds(chunk),
                       skip_bad=skip_bad, overwrite=overwrite, json_out=json_out,
+                      data=data, max_memory=memory_bytes(max_memory),
                       decode=_decode_options(low, min_gap, tune_labels, tune_features, events, segment_classes))
     write_json(summary, json_out)
     _report_written(summary, output, json_out, events, frame_scores)

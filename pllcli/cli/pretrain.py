@@ -7,7 +7,8 @@ from typing import Annotated, List, Optional
 import typer
 
 from pllcli.cli._options import BatchSize, Device, JsonOut, Seed, name_completer
-from pllcli.training.config import PretrainObjective
+from pllcli.cli.train import Data, LoaderWorkers, MaxMemory
+from pllcli.training.config import DataPath, PretrainObjective
 
 
 def _model_names():
@@ -47,6 +48,9 @@ def pretrain_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT.resume.pt if present.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUTPUT.")] = False,
     device: Device = "auto",
+    data: Data = DataPath.auto,
+    max_memory: MaxMemory = None,
+    loader_workers: LoaderWorkers = None,
     seed: Seed = 0,
     json_out: JsonOut = None,
 ):
@@ -56,7 +60,7 @@ def pretrain_cmd(
     import dataclasses
 
     from pllcli.cli._state import settings
-    from pllcli.cli.train import augment_options, model_options
+    from pllcli.cli.train import augment_options, memory_bytes, model_options
     from pllcli.errors import InputError, UsageError
     from pllcli.io import write_json
     from pllcli.training.config import PretrainConfig, check_range
@@ -64,7 +68,8 @@ def pretrain_cmd(
     check_range(crop, "--crop", 0, lo_open=True)
     cfg = PretrainConfig(objective=objective, model=model, model_options=model_options(model, model_opt),
                          epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
-                         mask_ratio=mask_ratio, apc_shift=apc_shift, seed=seed)  # checks, before any file
+                         mask_ratio=mask_ratio, apc_shift=apc_shift, seed=seed, data=data,
+                         max_memory=memory_bytes(max_memory), loader_workers=loader_workers)  # checks, before any file
     aug = None
     if augment:
         from pllcli.training.augment import AugmentConfig
@@ -82,6 +87,9 @@ def pretrain_cmd(
     cfg = dataclasses.replace(cfg, crop_frames=max(4, int(round(crop * hop.sample_rate / hop.hop_length))))
     summary = pretrain(features, output, cfg, log_path=log_file, resume=resume, device=device, augment=aug,
                        progress=settings.verbosity >= 0)
+    import os
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports (and writes)
+        return
     typer.echo(f"pretrained {objective.value}: {summary['clips']} clips, {epochs} epochs, "
                f"final loss {summary['final_loss']:.4f}", err=True)
     write_json(summary, json_out)

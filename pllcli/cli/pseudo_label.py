@@ -8,6 +8,8 @@ import typer
 
 from pllcli.cli._options import (BatchSize, Device, FeatureStorePath, JsonOut, Overwrite, RestrictCandidates,
                                  Shard)
+from pllcli.cli.train import Data, MaxMemory
+from pllcli.training.config import DataPath
 
 
 def pseudo_label_cmd(
@@ -34,11 +36,14 @@ def pseudo_label_cmd(
     shard: Shard = None,
     batch_size: BatchSize = 64,
     device: Device = "auto",
+    data: Data = DataPath.auto,
+    max_memory: MaxMemory = None,
     overwrite: Overwrite = False,
     json_out: JsonOut = None,
 ):
     """Label FEATURES with an ensemble of teachers; `pllcli train --labels OUTPUT` reads the soft labels."""
     from pllcli.cli._state import settings
+    from pllcli.cli.train import memory_bytes
     from pllcli.errors import UsageError
     from pllcli.io import parse_duration, parse_shard, write_json
     from pllcli.pseudo_label import pseudo_label
@@ -49,7 +54,8 @@ def pseudo_label_cmd(
                            threshold=threshold, top_n_per_class=top_n_per_class, temperature=temperature,
                            segment=parse_duration(segment, "--segment"), shard=parse_shard(shard),
                            only_unlabeled=only_unlabeled, batch_size=batch_size, device=device,
-                           progress=settings.verbosity >= 0)
+                           progress=settings.verbosity >= 0, data_path=data,
+                           max_memory=memory_bytes(max_memory))
     n = summary.get("soft_labels", summary.get("segments"))
     what = "segments" if segment else "items"
     typer.echo(f"wrote {output}: soft labels for {n} {what} ({summary['filtered_out']} filtered out)",

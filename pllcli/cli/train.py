@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from pllcli.cli._options import BatchSize, Device, JsonOut, Seed, name_completer
-from pllcli.training.config import DEFAULT_CLEAN_SHARE, LRSchedule, Optimizer, Sampler, WhenWhoMode
+from pllcli.training.config import DEFAULT_CLEAN_SHARE, DataPath, LRSchedule, Optimizer, Sampler, WhenWhoMode
 
 RUN_FILES = ("best.pt", "last.pt", "averaged.pt", "log.jsonl", "summary.json")
 _MODEL_ARGS = ("n_mels", "num_classes")  # passed by the trainer, not settable with --model-opt
@@ -56,16 +56,21 @@ def _format_keys(keys) -> str:
     return "\n".join(f"    {k}: {t} = {d}" for k, t, d in keys)
 
 
+def _echo_catalogue(names: dict, keys_of) -> None:
+    """Print each `name  help` with its option keys (`keys_of(name)`), then end the command."""
+    for name, help_ in names.items():
+        typer.echo(f"{name:14s} {help_}")
+        keys = keys_of(name)
+        if keys:
+            typer.echo(_format_keys(keys))
+    raise typer.Exit()
+
+
 def _list_models(ctx: typer.Context, value: bool):
     if not value or ctx.resilient_parsing:
         return
     from pllcli import spec
-    for name, help_ in _model_names().items():
-        typer.echo(f"{name:14s} {help_}")
-        keys = spec.describe(model_target(name), skip=_MODEL_ARGS)
-        if keys:
-            typer.echo(_format_keys(keys))
-    raise typer.Exit()
+    _echo_catalogue(_model_names(), lambda name: spec.describe(model_target(name), skip=_MODEL_ARGS))
 
 
 def _list_objectives(ctx: typer.Context, value: bool):
@@ -75,12 +80,7 @@ def _list_objectives(ctx: typer.Context, value: bool):
     from pllcli.training.objectives import COMMON_KEYS, Objective, objective_class
     common = [k for k in spec.describe(Objective) if k[0] in COMMON_KEYS]
     typer.echo("every objective also takes:\n" + _format_keys(common))
-    for name, help_ in _objective_names().items():
-        typer.echo(f"{name:14s} {help_}")
-        keys = spec.describe(objective_class(name), skip=COMMON_KEYS)
-        if keys:
-            typer.echo(_format_keys(keys))
-    raise typer.Exit()
+    _echo_catalogue(_objective_names(), lambda name: spec.describe(objective_class(name), skip=COMMON_KEYS))
 
 
 _NOT_IN_CONFIG = ("config", "list_models_", "list_objectives_", "help")
@@ -205,6 +205,24 @@ _Config = Annotated[Optional[Path], typer.Option(
          "[\"cr\", \"ce\"], features = \"f.h5\"); flags given on the command line override them.")]
 
 
+# the data-path flags (also used by pretrain): --data, --max-memory, --loader-workers
+Data = Annotated[DataPath, typer.Option(
+    "--data", help="Load the feature store into memory, stream it from disk (bounded memory), or stream only "
+                   "when it exceeds --max-memory.")]
+MaxMemory = Annotated[Optional[str], typer.Option(
+    "--max-memory", metavar="SIZE", help="Memory budget for feature data: 8G, 512M or 40% of RAM; default 50% "
+                                         "of RAM (per machine: shared by its torchrun processes).")]
+LoaderWorkers = Annotated[Optional[int], typer.Option(
+    "--loader-workers", metavar="N", min=0, help="DataLoader worker processes of the stream path (default 0 on "
+                                                 "CPU, 2 with CUDA).")]
+
+
+def memory_bytes(max_memory: str | None) -> int | None:
+    """--max-memory SIZE -> bytes (None: the default budget)."""
+    from pllcli.training.stream import parse_memory
+    return parse_memory(max_memory)
+
+
 # ------------------------------------------------------------------------------ the command
 
 def train_cmd(
@@ -248,6 +266,9 @@ def train_cmd(
     device: Device = "auto",
     seed: Seed = 0,
     no_amp: Annotated[bool, typer.Option("--no-amp", help="No mixed precision on CUDA.")] = False,
+    data: Data = DataPath.auto,
+    max_memory: MaxMemory = None,
+    loader_workers: LoaderWorkers = None,
     threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="torch intra-op threads.")] = None,
     list_models_: _ListModels = False,
     list_objectives_: _ListObjectives = False,
@@ -285,7 +306,8 @@ def train_cmd(
         valid_labels=str(valid_labels) if valid_labels else None, valid_fraction=valid_fraction,
         augment=augment_options(augment), init=str(init) if init else None, freeze=freeze,
         segment_labels=segment_labels, seed=seed, device=device, amp=not no_amp,
-        resume=str(resume) if resume else None, progress=settings.verbosity >= 0, threads=threads)
+        resume=str(resume) if resume else None, progress=settings.verbosity >= 0, threads=threads,
+        data=data, max_memory=memory_bytes(max_memory), loader_workers=loader_workers)
     if when_who is not None:
         from pllcli.training.config import WeakConfig
         from pllcli.training.weak import check_when_who_flags, train_when_who

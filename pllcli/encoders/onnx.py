@@ -42,7 +42,7 @@ class _Session:
 
     def __init__(self, path: Path):
         if not path.is_file():
-            raise InputError("ONNX encoder file not found", str(path))
+            raise InputError("ONNX encoder file not found (--encoder onnx:...)", str(path))
         self.path, self._sess, self._pid = path, None, None
 
     def get(self):
@@ -196,10 +196,11 @@ class OnnxEncoder(Encoder):
 
     def _verify_framing(self) -> None:
         for s in (self.min_samples, self.min_samples + 3 * self.hop + self.hop // 2, 2 * self.sample_rate):
-            if self._frames(s) != self.num_frames(s):
+            want = 1 + (s - self.min_samples) // self.hop   # the graph's framing: no min_duration padding
+            if self._frames(s) != want:
                 raise UsageError(f"--encoder onnx: {self._graph.path} gives {self._frames(s)} frames for "
                                  f"{s} samples, the declared framing (hop {self.hop}, min_samples "
-                                 f"{self.min_samples}) says {self.num_frames(s)}; declare hop= and min_samples=")
+                                 f"{self.min_samples}) says {want}; declare hop= and min_samples=")
 
     def as_module(self):
         """A torch module running this encoder through onnxruntime, padding short clips as `embed`

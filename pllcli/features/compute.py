@@ -36,6 +36,8 @@ def stacked_features(waves: Sequence[np.ndarray], config: FeatureConfig, batch_s
     Clips are sorted by length and zero-padded into batches of similar length; with
     snip-edges framing the padding never changes a clip's own frames.
     """
+    if config.frontend == "encoder":
+        return encoder_features(waves, config)[:2]
     import torch
     fe = _frontend(config)
     lens = np.fromiter((len(w) for w in waves), dtype=np.int64, count=len(waves))
@@ -66,6 +68,17 @@ def stacked_features(waves: Sequence[np.ndarray], config: FeatureConfig, batch_s
     return out.numpy(), frames
 
 
+def encoder_features(waves: Sequence[np.ndarray], config: FeatureConfig) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Encoder frames of many clips stacked in input order: ((sum T_i, D) float32, T_i (N,) int64,
+    zero samples appended to each clip to reach the encoder's receptive field)."""
+    from pllcli.encoders import cached_encoder
+    enc = cached_encoder(config.encoder_spec, config.encoder, what="featurize --encoder")
+    outs, pads = enc.embed_many(waves)
+    frames = np.array([len(o) for o in outs], dtype=np.int64)
+    feats = np.concatenate(outs) if outs else np.zeros((0, config.n_mels), np.float32)
+    return feats, frames, pads
+
+
 def compute_features(waves: Sequence[np.ndarray], config: FeatureConfig,
                      batch_samples: int = BATCH_SAMPLES, max_items: int = BATCH_MAX_ITEMS) -> list[np.ndarray]:
     """Features for many clips: list of (S_i,) float32 -> list of (T_i, F) float32, T_i = num_frames(S_i)."""
@@ -89,22 +102,25 @@ def _segment(a: Audio, it: Item) -> tuple[np.ndarray, float]:
 
 def decode_chunk(chunk: Sequence[Item], config: FeatureConfig, max_seconds: float | None = None) -> dict[str, Any]:
     """Decode the files of a chunk at config.sample_rate: {waves [(S,) float32], ok [local idx],
-    durations [s], skipped [(local idx, reason, detail)], warnings [(local idx, kind, detail)]}.
+    durations [s], skipped [(local idx, reason, detail)], warnings [(local idx, kind, detail)],
+    stats [[size, mtime_ns] of each item's file as read, [-1, -1] if it could not be opened]}.
 
     Items that are segments of one file decode it once while they follow each other. A file
     the decoder fails on in any way is a per-file `corrupt` skip, never the end of the run.
     """
-    waves, ok, durs, skipped, warns = [], [], [], [], []
-    last: tuple[str, Audio | AudioSkip] | None = None
+    waves, ok, durs, skipped, warns, stats = [], [], [], [], [], []
+    last: tuple[str, Audio | AudioSkip, list] | None = None
     for li, it in enumerate(chunk):
         try:
             if last is None or last[0] != it.path:
+                st: list = []
                 try:
-                    last = (it.path, load_audio(it.path, config.sample_rate, max_seconds))
+                    last = (it.path, load_audio(it.path, config.sample_rate, max_seconds, st), st)
                 except AudioSkip as e:
-                    last = (it.path, e)
+                    last = (it.path, e, st)
                 except Exception as e:  # noqa: BLE001 - a hostile file must not end the run
-                    last = (it.path, AudioSkip("corrupt", f"{type(e).__name__}: {e}"[:160]))
+                    last = (it.path, AudioSkip("corrupt", f"{type(e).__name__}: {e}"[:160]), st)
+            stats.append(last[2][0] if last[2] else [-1, -1])
             a = last[1]
             if isinstance(a, AudioSkip):
                 raise a
@@ -119,4 +135,4 @@ def decode_chunk(chunk: Sequence[Item], config: FeatureConfig, max_seconds: floa
         waves.append(x)
         ok.append(li)
         durs.append(dur)
-    return {"waves": waves, "ok": ok, "durations": durs, "skipped": skipped, "warnings": warns}
+    return {"waves": waves, "ok": ok, "durations": durs, "skipped": skipped, "warnings": warns, "stats": stats}

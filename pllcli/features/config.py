@@ -21,7 +21,7 @@ from typing import Any
 
 from pllcli.errors import ConfigMismatchError, UsageError
 
-FRONTENDS = ("logmel", "fbank")
+FRONTENDS = ("logmel", "fbank", "encoder")
 DTYPES = ("float32", "float16")
 # float32 machine epsilon: Kaldi's floor for log mel energies.
 KALDI_EPS = 1.1920928955078125e-07
@@ -54,6 +54,10 @@ class FeatureConfig:
     fmax: float = 4000.0
     log_offset: float = 1e-6
     dtype: str = "float32"
+    # frontend "encoder": the encoder's identity (canonical JSON, hashed) and the spec it was
+    # built from (paths; not hashed). Empty for log-mel / fbank: their hashes stay as they were.
+    encoder: str = ""
+    encoder_spec: str = ""
 
     def __post_init__(self):
         self.validate()
@@ -80,8 +84,9 @@ class FeatureConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigMismatchError(f"unknown feature config field(s): {', '.join(unknown)}")
-        types = {"frontend": str, "dtype": str, "sample_rate": int, "n_fft": int, "win_length": int,
-                 "hop_length": int, "n_mels": int, "fmin": float, "fmax": float, "log_offset": float}
+        types = {"frontend": str, "dtype": str, "encoder": str, "encoder_spec": str, "sample_rate": int,
+                 "n_fft": int, "win_length": int, "hop_length": int, "n_mels": int, "fmin": float,
+                 "fmax": float, "log_offset": float}
         try:
             return cls(**{k: types[k](v) for k, v in d.items()})
         except (TypeError, ValueError) as e:
@@ -95,10 +100,22 @@ class FeatureConfig:
         d = {k: getattr(self, k) for k in _SEMANTIC_FIELDS}
         for k in ("fmin", "fmax", "log_offset"):
             d[k] = float(d[k])
+        if self.encoder:
+            d["encoder"] = json.loads(self.encoder)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def replace(self, **changes) -> "FeatureConfig":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def with_encoder(self, spec: str) -> "FeatureConfig":
+        """This encoder config built from `spec` instead of its stored one (the same files at other
+        paths, e.g. `predict --encoder SPEC` on another machine): the identity, file sha256s
+        included, must be the stored one, else ConfigMismatchError."""
+        if self.frontend != "encoder":
+            raise UsageError(f"--encoder {spec}: these features are {self.frontend}, not an encoder's")
+        from pllcli.encoders import cached_encoder
+        cached_encoder(spec, self.encoder, what=f"--encoder {spec} vs the stored encoder")
+        return dataclasses.replace(self, encoder_spec=spec)
 
     # ------------------------------------------------------------ geometry
     def validate(self) -> None:
@@ -109,6 +126,8 @@ class FeatureConfig:
         for k in ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels"):
             if getattr(self, k) < 1:
                 raise UsageError(f"feature config {k} must be >= 1, got {getattr(self, k)}")
+        if (self.frontend == "encoder") != bool(self.encoder):
+            raise UsageError("feature config: frontend 'encoder' goes with an encoder identity, and only it")
         if self.frontend == "logmel" and self.win_length > self.n_fft:
             raise UsageError(f"win_length {self.win_length} > n_fft {self.n_fft}")
         if self.frontend == "fbank" and self.n_fft != _pow2(self.win_length):
@@ -138,10 +157,17 @@ class FeatureConfig:
 
     def make_frontend(self):
         """torch nn.Module: waveform (B, S) float at `sample_rate` -> features (B, T, n_mels) float32."""
+        if self.frontend == "encoder":
+            from pllcli.encoders import cached_encoder
+            return cached_encoder(self.encoder_spec, self.encoder).as_module()
         from pllcli.features.frontend import build_frontend
         return build_frontend(self)
 
     def summary(self) -> str:
+        if self.frontend == "encoder":
+            e = json.loads(self.encoder)
+            return (f"encoder {e['kind']} {e['name']}" + (f" layer {e['layer']}" if e.get("layer") else "")
+                    + f": {self.sample_rate} Hz, {self.n_mels}-dim frames at {e['frame_rate']:g} Hz, {self.dtype}")
         return (f"{self.frontend} {self.sample_rate} Hz, {self.n_mels} mels, "
                 f"win {self.win_length}/hop {self.hop_length} (n_fft {self.n_fft}), "
                 f"{self.fmin:g}-{self.fmax_hz:g} Hz, {self.dtype}")
@@ -182,6 +208,13 @@ def config_from_options(preset: str, **overrides) -> FeatureConfig:
     return FeatureConfig.preset(preset, **o)
 
 
+def encoder_config(spec: str, dtype: str | None = None) -> FeatureConfig:
+    """The config of a store of an encoder's frames (featurize --encoder SPEC); the encoder is
+    built once here and reused by every chunk of the run."""
+    from pllcli.encoders import cached_encoder, feature_fields
+    return FeatureConfig(**feature_fields(cached_encoder(spec)), dtype=dtype or "float32")
+
+
 def _as_dict(c: "dict | FeatureConfig | str") -> dict[str, Any]:
     if isinstance(c, FeatureConfig):
         return c.to_dict()
@@ -207,3 +240,6 @@ def check_compatible(expected: "dict | FeatureConfig", actual: "dict | FeatureCo
             diffs.append(f"{k} expected {ev!r} got {av!r}")
     if diffs:
         raise ConfigMismatchError(f"{what}: feature config differs: " + "; ".join(diffs))
+    if (e.get("encoder") or "") != (a.get("encoder") or ""):
+        from pllcli.encoders import check_identity
+        check_identity(json.loads(e.get("encoder") or "null"), json.loads(a.get("encoder") or "null"), what)

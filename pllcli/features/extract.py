@@ -29,7 +29,7 @@ from pllcli.features.compute import decode_chunk, stacked_features, warm_up
 from pllcli.features.config import FeatureConfig
 from pllcli.features.inputs import Item, Skip, chunk_bounds, duplicate_flags, resolve_inputs, shard_slice
 from pllcli.features.journal import (
-    PART_SUFFIX, Journal, file_stats, load_part, open_journal, part_path, unlock_journal, write_part,
+    PART_SUFFIX, Journal, load_part, open_journal, part_path, unlock_journal, write_part,
 )
 from pllcli.features.pool import WorkerError, finish_workers, run_parallel
 from pllcli.io import provenance
@@ -51,13 +51,18 @@ def process_chunk(task: tuple) -> dict[str, Any]:
     """
     k, chunk, cfgd, parts_dir, meta_cols, max_seconds = task
     config = FeatureConfig.from_dict(cfgd)
-    stats = file_stats(chunk)  # before decoding: a file changed meanwhile is redone by a rerun
     d = decode_chunk(chunk, config, max_seconds)
-    feats, frames = stacked_features(d["waves"], config)
+    if config.frontend == "encoder":
+        from pllcli.features.compute import encoder_features
+        feats, frames, pads = encoder_features(d["waves"], config)
+        d["warnings"] += [(d["ok"][i], "padded", f"{p} zero samples added to reach the encoder's "
+                           "minimum length (receptive field or min_duration=)") for i, p in enumerate(pads) if p]
+    else:
+        feats, frames = stacked_features(d["waves"], config)
     durs = d["durations"]
     res = {"chunk": k, "ok": d["ok"], "num_frames": frames, "durations": np.asarray(durs, dtype=np.float64),
            "features": feats.astype(config.dtype, copy=False), "skipped": d["skipped"],
-           "warnings": d["warnings"], "audio_seconds": float(np.sum(durs)) if durs else 0.0, "stats": stats}
+           "warnings": d["warnings"], "audio_seconds": float(np.sum(durs)) if durs else 0.0, "stats": d["stats"]}
     res["block"] = write_part(Path(parts_dir), config, meta_cols, chunk, res)
     for name in ("features", "num_frames", "durations", "ok", "stats"):
         del res[name]
@@ -198,7 +203,8 @@ class _Assembler:
             self.skips.append(Skip(chunk[li].id, chunk[li].path, chunk[li].line, r, d).as_dict())
         for li, kd, d in res["warnings"]:
             self.warnings.append({"id": chunk[li].id, "path": chunk[li].path, "kind": kd, "detail": d})
-            log.warning("%s: %s (%s)", chunk[li].path, d, chunk[li].id)
+            if kd != "padded":  # short clips under an encoder: counted in the closing line instead
+                log.warning("%s: %s (%s)", chunk[li].path, d, chunk[li].id)
         self.audio_run += res["audio_seconds"]
         self.drain()
         if self.bar is not None:
@@ -331,14 +337,16 @@ def _summary(job: _Job, plan: _Plan, journal: Journal, asm: _Assembler, files_re
     by_reason: dict[str, int] = {}
     for s in skips:
         by_reason[s["reason"]] = by_reason.get(s["reason"], 0) + 1
+    warnings = [w for w in asm.warnings if w["kind"] != "padded"]
     return {
         "output": str(out), "input": src, "input_kind": plan.kind,
         "shard": f"{shard[0]}/{shard[1]}", "jobs": job.jobs, "chunk_size": job.chunk_size,
         "files_listed": len(plan.items) + len(plan.dups), "files_done": asm.writer.n, "files_skipped": len(skips),
         "skipped_by_reason": by_reason, "skipped": skips,
-        "warnings": asm.warnings, "chunks_resumed": len(journal.done), "files_resumed": files_resumed,
+        "warnings": warnings, "chunks_resumed": len(journal.done), "files_resumed": files_resumed,
         "chunks_redone": journal.chunks_redone, "files_changed": journal.files_changed,
-        "files_cut": sum(w["kind"] == "cut" for w in asm.warnings),
+        "files_cut": sum(w["kind"] == "cut" for w in warnings),
+        "files_padded": len(asm.warnings) - len(warnings),
         "audio_seconds": round(asm.audio_total, 3), "audio_seconds_this_run": round(asm.audio_run, 3),
         "frames": asm.writer.rows, "wall_seconds": round(wall, 3),
         "x_real_time": round(asm.audio_run / wall, 1) if wall > 0 else None,

@@ -9,7 +9,7 @@ from typing import Sequence
 from pllcli.audio import AUDIO_EXTENSIONS
 from pllcli.errors import InputError
 from pllcli.features.items import Item, Skip
-from pllcli.features.manifests import KALDI_SCP, is_lhotse_file, lhotse_dir_files, read_kaldi_dir, read_lhotse
+from pllcli.features.manifests import KALDI_SCP, is_lhotse_dir, is_lhotse_file, read_kaldi_dir, read_lhotse
 from pllcli.io import STDIO, Table
 
 __all__ = ["Item", "Skip", "MIN_TAIL_CHUNK", "read_manifest", "scan_directory", "resolve_inputs",
@@ -66,7 +66,7 @@ def resolve_inputs(src: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> tu
     kind: "manifest", "kaldi", "lhotse" or "directory"."""
     if src != "-" and Path(src).is_dir() and (Path(src) / KALDI_SCP).is_file():
         return (*read_kaldi_dir(src), "kaldi")
-    if src != "-" and Path(src).is_dir() and lhotse_dir_files(src)[0] is not None:
+    if src != "-" and Path(src).is_dir() and is_lhotse_dir(src):
         return (*read_lhotse(src), "lhotse")
     if src != "-" and Path(src).is_file() and is_lhotse_file(src):
         return (*read_lhotse(src), "lhotse")

@@ -151,21 +151,34 @@ def _sup_meta(sups: list[dict]) -> dict[str, str]:
     return {"speaker": ",".join(speakers), "text": " ".join(str(s["text"]) for s in sups if s.get("text"))}
 
 
+def _entries(path: str, kind: str, make) -> list:
+    """make(obj, line) for every object of a lhotse JSONL; a missing or malformed field is an
+    InputError naming the line."""
+    out = []
+    for ln, obj in _objects(path):
+        try:
+            out.append(make(obj, ln))
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"not a lhotse {kind} entry (missing or bad field {e})", path, line=ln) from None
+    return out
+
+
+def _cut_item(c: dict, path: str, ln: int) -> Item:
+    start = float(c["start"])
+    meta = {"recording": str(c["recording"]["id"]), **_sup_meta(c.get("supervisions") or [])}
+    return Item(str(c["id"]), _source(c["recording"], path, ln), ln, meta, start, start + float(c["duration"]))
+
+
 def read_lhotse(path: str) -> tuple[list[Item], list[str]]:
     """Items of a lhotse manifest file (recordings or cuts) or of a folder with recordings (and supervisions)."""
     if os.path.isdir(path):
         return _read_lhotse_dir(path)
     kind = _lhotse_kind(path)
     if kind == "recordings":
-        return [Item(str(r["id"]), _source(r, path, ln), ln) for ln, r in _objects(path)], []
+        return _entries(path, kind, lambda r, ln: Item(str(r["id"]), _source(r, path, ln), ln)), []
     if kind == "cuts":
-        items = []
-        for ln, c in _objects(path):
-            start = float(c["start"])
-            meta = {"recording": str(c["recording"]["id"]), **_sup_meta(c.get("supervisions") or [])}
-            items.append(Item(str(c["id"]), _source(c["recording"], path, ln), ln, meta,
-                              start, start + float(c["duration"])))
-        return _with_segment_columns(items, ["recording", "speaker", "text"])
+        return _with_segment_columns(_entries(path, kind, lambda c, ln: _cut_item(c, path, ln)),
+                                     ["recording", "speaker", "text"])
     if kind == "supervisions":
         raise InputError("a lhotse supervisions manifest needs its recordings: pass the folder that holds "
                          "both, or a cuts manifest", path)
@@ -185,19 +198,25 @@ def lhotse_dir_files(folder: str) -> tuple[str | None, str | None]:
     return found["recordings"], found["supervisions"]
 
 
+def is_lhotse_dir(folder: str) -> bool:
+    """A folder holding a lhotse recordings manifest (not just a file named so)."""
+    rec = lhotse_dir_files(folder)[0]
+    return rec is not None and _lhotse_kind(rec) == "recordings"
+
+
 def _read_lhotse_dir(folder: str) -> tuple[list[Item], list[str]]:
     rec_file, sup_file = lhotse_dir_files(folder)
     if rec_file is None:
         raise InputError("no lhotse recordings manifest (*recordings*.jsonl[.gz]) in folder", folder)
-    recs = {str(r["id"]): _source(r, rec_file, ln) for ln, r in _objects(rec_file)}
+    recs = dict(_entries(rec_file, "recordings", lambda r, ln: (str(r["id"]), _source(r, rec_file, ln))))
     if sup_file is None:
         return [Item(rid, p, 0) for rid, p in recs.items()], []
-    items = []
-    for ln, s in _objects(sup_file):
+
+    def sup_item(s: dict, ln: int) -> Item:
         rid = str(s["recording_id"])
         if rid not in recs:
             raise InputError(f"recording {rid!r} is not in {Path(rec_file).name}", sup_file, line=ln)
         start = float(s["start"])
-        items.append(Item(str(s["id"]), recs[rid], ln, {"recording": rid, **_sup_meta([s])},
-                          start, start + float(s["duration"])))
-    return _with_segment_columns(items, ["recording", "speaker", "text"])
+        return Item(str(s["id"]), recs[rid], ln, {"recording": rid, **_sup_meta([s])},
+                    start, start + float(s["duration"]))
+    return _with_segment_columns(_entries(sup_file, "supervisions", sup_item), ["recording", "speaker", "text"])

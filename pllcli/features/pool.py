@@ -2,14 +2,15 @@
 tasks from one shared counter.
 
 Why not concurrent.futures.ProcessPoolExecutor (issue 13 asked for it, within 5% of this
-pool): a fork-context executor whose workers take the same shared counter, with the parent
-computing too, was measured with examples/bench_featurize.py on FSDD (3,000 files, 2 jobs,
-2 shared cores, interleaved rounds, Dec 2026): best --jobs 2 wall 0.345 s against 0.204 s
-(0.294 s with the former regex header parser) for this pool, i.e. >= 15% slower, and its
-parent spent ~0.22 s of CPU against ~0.17 s here: the executor's queue-feeder and manager
-threads and per-result pickling run in the parent, which is also the only writer of the
-store, so its worker got ~35% of the chunks instead of ~47%. Beyond the 5% allowed, so this
-pool stays.
+pool's --jobs 2 throughput): a fork-context executor whose worker takes chunks from the same
+shared counter, with the parent computing too, was run with examples/bench_featurize.py on
+FSDD (3,000 files, --jobs 2), 14 rounds interleaved with this pool on the shared 2-core
+machine (Dec 2026). Its parent did ~62% of the work (CPU 0.20-0.24 s against 0.12-0.14 s in
+its worker) where this pool's does ~53% (0.17-0.18 s against 0.15-0.16 s): the executor's
+feeder and manager threads and the result pickling run in the parent, which is also the only
+writer of the store. On two free cores a run lasts about as long as the parent's share, so
+the executor costs ~15% (best wall in the rounds at load 4-5: 0.345 s against 0.294 s), more
+than the 5% allowed: this pool stays.
 """
 from __future__ import annotations
 

@@ -91,26 +91,38 @@ def read_clean(path: str) -> list[tuple[int, str, str]]:
 
 # ---------------------------------------------------------------- chat alignment
 
-def build_from_chat(voice_path: str, chat_path: str, opts: ChatOptions, clean_path: str | None = None,
-                    unlabeled_path: str | None = None) -> Built:
-    if (opts.next_k is None) == (opts.window is None):
-        raise UsageError("give exactly one of --next K and --window DURATION")
-    if opts.next_k is not None and opts.next_k < 1:
-        raise UsageError("--next must be >= 1")
-    norm = lambda s: normalize_text(s, opts.numbers)  # noqa: E731
+@dataclass
+class _Voice:
+    """Voice messages in file order: ids, times (s) and authors ('' without an author column)."""
+    name: str
+    ids: list[str]
+    time: list[float]
+    author: list[str]
 
-    # voice messages
-    vt = Table(voice_path, required=["id", "time"] + (["author"] if opts.same_author else []))
-    seen: dict[str, tuple[str, int]] = {}
-    v_ids, v_time, v_author = [], [], []
-    for ln, row in _read_ids(vt, seen):
-        v_ids.append(row["id"])
-        v_time.append(parse_time(row["time"], vt.name, ln))
-        v_author.append(row.get("author", ""))
 
-    # chat log
-    ct = Table(chat_path, required=["time", "author", "text"])
-    excluded = {a.strip() for a in opts.exclude_authors if a.strip()}
+@dataclass
+class _Chat:
+    """The chat log without excluded authors, sorted by time (stable); `norm` = normalised texts."""
+    time: np.ndarray
+    author: list[str]
+    norm: list[str]
+    rows: int
+    excluded: int
+
+
+def _read_voice(path: str, need_author: bool) -> _Voice:
+    t = Table(path, required=["id", "time"] + (["author"] if need_author else []))
+    v = _Voice(t.name, [], [], [])
+    for ln, row in _read_ids(t, {}):
+        v.ids.append(row["id"])
+        v.time.append(parse_time(row["time"], t.name, ln))
+        v.author.append(row.get("author", ""))
+    return v
+
+
+def _read_chat(path: str, exclude_authors: Sequence[str], norm) -> _Chat:
+    ct = Table(path, required=["time", "author", "text"])
+    excluded = {a.strip() for a in exclude_authors if a.strip()}
     c_time, c_author, c_text = [], [], []
     n_rows = n_excluded = 0
     for ln, row in ct:
@@ -125,63 +137,63 @@ def build_from_chat(voice_path: str, chat_path: str, opts: ChatOptions, clean_pa
     if n_rows == 0:
         raise InputError("empty chat log (no messages after the header)", ct.name, line=2)
     order = np.argsort(np.asarray(c_time), kind="stable")
-    c_time = np.asarray(c_time, np.float64)[order]
-    c_author = [c_author[i] for i in order]
-    raw_text = [c_text[i] for i in order]
-    c_norm = [norm(s) for s in raw_text]
+    return _Chat(time=np.asarray(c_time, np.float64)[order], author=[c_author[i] for i in order],
+                 norm=[norm(c_text[i]) for i in order], rows=n_rows, excluded=n_excluded)
 
-    # vocabulary
-    counts = Counter(s for s in c_norm if s)
-    if opts.vocab is not None:
-        classes = []
-        for s in opts.vocab:
-            s = norm(s)
-            if s and s not in classes:
-                classes.append(s)
-        vocab_mode = "closed"
-        if not classes:
-            raise InputError("no vocabulary entry is left after normalisation (--vocab)", field="vocab")
-    else:
+
+def _chat_vocabulary(texts: list[str], opts: ChatOptions, norm) -> tuple[list[str], str]:
+    """(classes, description): the closed --vocab normalised, else texts seen >= min_count times."""
+    if opts.vocab is None:
+        counts = Counter(s for s in texts if s)
         classes = sorted((s for s, n in counts.items() if n >= opts.min_count), key=natural_key)
-        vocab_mode = f"min-count {opts.min_count}"
-    cindex = {s: i for i, s in enumerate(classes)}
+        return classes, f"min-count {opts.min_count}"
+    classes = []
+    for s in opts.vocab:
+        s = norm(s)
+        if s and s not in classes:
+            classes.append(s)
+    if not classes:
+        raise InputError("no vocabulary entry is left after normalisation (--vocab)", field="vocab")
+    return classes, "closed"
 
-    # clean labels (validated against the vocabulary before anything is dropped)
-    clean_rows = read_clean(clean_path) if clean_path else []
+
+def _check_clean_labels(clean_rows, classes: list[str], cindex: dict[str, int], vocab_mode: str,
+                        opts: ChatOptions, norm, clean_path: str | None) -> list[str]:
+    """Every clean label must be in the vocabulary; with --add-clean-labels a missing one is
+    appended to `classes`/`cindex` (in place). Returns the added classes."""
     added = []
     for ln, i, lab in clean_rows:
         s = norm(lab)
-        if s not in cindex:
-            if opts.add_clean_labels and s:
-                cindex[s] = len(classes)
-                classes.append(s)
-                added.append(s)
-                log.warning("%s:%d: clean label %r is not in the vocabulary; added as a class",
-                            clean_path, ln, lab)
-            else:
-                raise InputError(f"clean label {lab!r} (normalised {s!r}) is not in the vocabulary "
-                                 f"({vocab_mode}, {len(classes)} classes); pass --add-clean-labels "
-                                 "to add it", clean_path, line=ln, field="label")
+        if s in cindex:
+            continue
+        if not (opts.add_clean_labels and s):
+            raise InputError(f"clean label {lab!r} (normalised {s!r}) is not in the vocabulary "
+                             f"({vocab_mode}, {len(classes)} classes); pass --add-clean-labels "
+                             "to add it", clean_path, line=ln, field="label")
+        cindex[s] = len(classes)
+        classes.append(s)
+        added.append(s)
+        log.warning("%s:%d: clean label %r is not in the vocabulary; added as a class",
+                    clean_path, ln, lab)
+    return added
 
-    msg_class = np.asarray([cindex.get(s, -1) for s in c_norm], np.int64)
-    empty_text = sum(1 for s in c_norm if not s)
-    off = Counter(s for s, c in zip(c_norm, msg_class) if c < 0 and s)
-    keep = msg_class >= 0
-    # candidates are drawn from in-vocabulary messages only: K counts kept messages
-    k_time = c_time[keep]
+
+def _align(voice: _Voice, chat: _Chat, msg_class: np.ndarray, opts: ChatOptions):
+    """Per voice message, the distinct classes among the next K in-vocabulary messages (or those
+    within the window), and each one's position among them. Returns (sets, positions, merged)."""
+    keep = msg_class >= 0  # K counts kept messages only
+    k_time = chat.time[keep]
     k_class = msg_class[keep]
-    k_author = np.asarray(c_author, dtype=object)[keep]
-
+    k_author = np.asarray(chat.author, dtype=object)[keep]
     streams: dict[str, np.ndarray] = {}
     if opts.same_author:
-        for a in set(v_author):
+        for a in set(voice.author):
             streams[a] = np.flatnonzero(k_author == a)
     all_idx = np.arange(len(k_time))
-
     sets: list[list[int]] = []
     positions: list[list[int]] = []
     merged = 0
-    for t, a in zip(v_time, v_author):
+    for t, a in zip(voice.time, voice.author):
         idx = streams[a] if opts.same_author else all_idx
         times = k_time[idx]
         lo = int(np.searchsorted(times, t, side="left"))
@@ -200,17 +212,22 @@ def build_from_chat(voice_path: str, chat_path: str, opts: ChatOptions, clean_pa
             pos.append(p)
         sets.append(row)
         positions.append(pos)
+    return sets, positions, merged
 
-    # clean labels: coverage + position histogram, then override
-    item_index = {i: r for r, i in enumerate(v_ids)}
-    ids = list(v_ids)
+
+def _place_clean(clean_rows, voice_ids: list[str], sets, positions, cindex, norm):
+    """Clean class per item (-1 = none). A clean id without a voice message becomes a clean-only
+    item (appended to ids, sets, positions in place). Counts, for voice items, how often the set
+    holds the clean label and at which position. Returns (ids, clean, hist, n_clean_voice, covered)."""
+    item_index = {i: r for r, i in enumerate(voice_ids)}
+    ids = list(voice_ids)
     clean = [-1] * len(ids)
     hist: Counter = Counter()
     n_clean_voice = covered = 0
     for ln, i, lab in clean_rows:
         c = cindex[norm(lab)]
         r = item_index.get(i)
-        if r is None:  # a clean item without a voice message: a clean-only item
+        if r is None:
             item_index[i] = len(ids)
             ids.append(i)
             clean.append(c)
@@ -222,41 +239,73 @@ def build_from_chat(voice_path: str, chat_path: str, opts: ChatOptions, clean_pa
         if c in sets[r]:
             covered += 1
             hist[positions[r][sets[r].index(c)]] += 1
+    return ids, clean, hist, n_clean_voice, covered
+
+
+def _delay_prior(hist: Counter, positions, opts: ChatOptions) -> tuple[np.ndarray, np.ndarray]:
+    """(histogram, prior) over candidate positions, add-alpha smoothed; length K (or, for a
+    window, the furthest position seen)."""
     max_pos = (opts.next_k if opts.next_k is not None
                else max([p[-1] + 1 for p in positions if p] + [max(hist, default=-1) + 1, 1]))
     hist_arr = np.asarray([hist.get(j, 0) for j in range(max_pos)], np.int64)
     prior = (hist_arr + opts.prior_alpha) / (hist_arr.sum() + opts.prior_alpha * max_pos)
+    return hist_arr, prior
 
-    weights = None
-    if opts.weights == "delay-prior":
-        if n_clean_voice == 0:
-            raise UsageError("--weights delay-prior needs --clean with items that have voice messages")
-        weights = []
-        for row, pos in zip(sets, positions):
-            w = np.asarray([prior[min(p, max_pos - 1)] for p in pos], np.float64)
-            weights.append((w / w.sum()).tolist() if len(w) else [])
-    elif opts.weights != "uniform":
+
+def _candidate_weights(positions, prior: np.ndarray, opts: ChatOptions, n_clean_voice: int):
+    """Per-item weights from the delay prior (normalised per set), or None for uniform."""
+    if opts.weights == "uniform":
+        return None
+    if opts.weights != "delay-prior":
         raise UsageError(f"--weights must be uniform or delay-prior, got {opts.weights!r}")
+    if n_clean_voice == 0:
+        raise UsageError("--weights delay-prior needs --clean with items that have voice messages")
+    weights = []
+    for pos in positions:
+        w = np.asarray([prior[min(p, len(prior) - 1)] for p in pos], np.float64)
+        weights.append((w / w.sum()).tolist() if len(w) else [])
+    return weights
 
-    n_voice = len(v_ids)
+
+def build_from_chat(voice_path: str, chat_path: str, opts: ChatOptions, clean_path: str | None = None,
+                    unlabeled_path: str | None = None) -> Built:
+    """Each voice message's candidates: the distinct in-vocabulary chat texts that follow it
+    (next K, or within a window); clean labels override the set; unlabeled ids are appended."""
+    if (opts.next_k is None) == (opts.window is None):
+        raise UsageError("give exactly one of --next K and --window DURATION")
+    if opts.next_k is not None and opts.next_k < 1:
+        raise UsageError("--next must be >= 1")
+    norm = lambda s: normalize_text(s, opts.numbers)  # noqa: E731
+    voice = _read_voice(voice_path, opts.same_author)
+    chat = _read_chat(chat_path, opts.exclude_authors, norm)
+    classes, vocab_mode = _chat_vocabulary(chat.norm, opts, norm)
+    cindex = {s: i for i, s in enumerate(classes)}
+    # clean labels are validated against the vocabulary before anything is dropped
+    clean_rows = read_clean(clean_path) if clean_path else []
+    added = _check_clean_labels(clean_rows, classes, cindex, vocab_mode, opts, norm, clean_path)
+
+    msg_class = np.asarray([cindex.get(s, -1) for s in chat.norm], np.int64)
+    off = Counter(s for s, c in zip(chat.norm, msg_class) if c < 0 and s)
+    sets, positions, merged = _align(voice, chat, msg_class, opts)
+    ids, clean, hist, n_clean_voice, covered = _place_clean(clean_rows, voice.ids, sets, positions,
+                                                            cindex, norm)
+    hist_arr, prior = _delay_prior(hist, positions, opts)
+    weights = _candidate_weights(positions, prior, opts, n_clean_voice)
+
+    n_voice = len(voice.ids)
     empty_sets = sum(1 for r in range(n_voice) if not sets[r])
     raw_sets = [list(r) for r in sets]
-    # override: a clean item's set is {clean}
-    for r, c in enumerate(clean):
+    for r, c in enumerate(clean):  # override: a clean item's set is {clean}
         if c >= 0:
             sets[r] = [c]
             if weights is not None:
                 weights[r] = [1.0]
-
-    n_unl = 0
-    if unlabeled_path:
-        for uid in read_unlabeled_ids(unlabeled_path, ids, vt.name):
-            ids.append(uid)
-            clean.append(-1)
-            sets.append([])
-            if weights is not None:
-                weights.append([])
-            n_unl += 1
+    unl = read_unlabeled_ids(unlabeled_path, ids, voice.name) if unlabeled_path else []
+    ids += unl
+    clean += [-1] * len(unl)
+    sets += [[] for _ in unl]
+    if weights is not None:
+        weights += [[] for _ in unl]
     # uniform weights: no weights dataset (candidate_matrix gives 1 for members)
     data = LabelData.new(ids, classes, task="single", candidates=sets, weights=weights, clean=clean)
     sizes = np.asarray([len(s) for s in sets[:n_voice]], np.float64)
@@ -265,10 +314,10 @@ def build_from_chat(voice_path: str, chat_path: str, opts: ChatOptions, clean_pa
         "items": len(ids),
         "classes": len(classes),
         "voice_messages": n_voice,
-        "chat_messages": n_rows,
-        "excluded_author_messages": n_excluded,
+        "chat_messages": chat.rows,
+        "excluded_author_messages": chat.excluded,
         "vocabulary": vocab_mode,
-        "empty_after_normalisation": empty_text,
+        "empty_after_normalisation": sum(1 for s in chat.norm if not s),
         "off_vocabulary_messages": int(sum(off.values())),
         "off_vocabulary_texts": len(off),
         "off_vocabulary_examples": [s for s, _ in off.most_common(5)],
@@ -284,7 +333,7 @@ def build_from_chat(voice_path: str, chat_path: str, opts: ChatOptions, clean_pa
         "delay_prior": prior.tolist(),
         "weights": opts.weights,
         "unlabeled": int(data.unlabeled.sum()),
-        "unlabeled_listed": n_unl,
+        "unlabeled_listed": len(unl),
     }
     return Built(data, stats, sets=raw_sets, positions=positions)
 

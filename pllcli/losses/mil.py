@@ -80,22 +80,23 @@ def _out(p: torch.Tensor, squeeze: bool) -> torch.Tensor:
 
 # ------------------------------------------------------------------ pooling functions
 
-def max_pool(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Max over frames (works on probabilities or logits)."""
+def _extreme_pool(x: torch.Tensor, mask: torch.Tensor | None, largest: bool) -> torch.Tensor:
+    """Max (or min) over the real frames: padded frames are filled with -inf (or +inf)."""
     x, sq = _as3d(x)
     m = _mask3(mask, x)
     if m is not None:
-        x = x.masked_fill(~m, float("-inf"))
-    return _out(x.amax(dim=1), sq)
+        x = x.masked_fill(~m, float("-inf") if largest else float("inf"))
+    return _out(x.amax(dim=1) if largest else x.amin(dim=1), sq)
+
+
+def max_pool(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Max over frames (works on probabilities or logits)."""
+    return _extreme_pool(x, mask, largest=True)
 
 
 def min_pool(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Min over frames (works on probabilities or logits)."""
-    x, sq = _as3d(x)
-    m = _mask3(mask, x)
-    if m is not None:
-        x = x.masked_fill(~m, float("inf"))
-    return _out(x.amin(dim=1), sq)
+    return _extreme_pool(x, mask, largest=False)
 
 
 def mean_pool(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

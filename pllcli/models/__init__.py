@@ -11,5 +11,5 @@ forward returns `{"embedding": (B, D), "frames": (B, T', D'), "frame_lengths": (
 from __future__ import annotations
 
 from pllcli.models.registry import (  # noqa: F401
-    _parse_value, build_model, list_models, model_builder, parse_model_options, register_model)
+    build_model, list_models, model_builder, register_model)
 from pllcli.models import convgru, crnn, densenet, mobilenet, whenwho  # noqa: E402,F401  (builtin models)

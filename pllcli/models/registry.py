@@ -39,31 +39,3 @@ def build_model(name: str, n_mels: int, num_classes: int, **kwargs):
         raise UsageError(f"model {name}: bad option ({e})") from None
     model.config = {"name": name, "n_mels": int(n_mels), "num_classes": int(num_classes), **kwargs}
     return model
-
-
-def parse_model_options(items: list[str] | None) -> dict:
-    """['width=32', 'dropout=0.1', 'gru=false'] -> {'width': 32, 'dropout': 0.1, 'gru': False}."""
-    out = {}
-    for item in items or []:
-        for part in item.split(","):
-            if not part.strip():
-                continue
-            if "=" not in part:
-                raise UsageError(f"--model-opt must look like KEY=VALUE, got {part!r}")
-            k, v = part.split("=", 1)
-            out[k.strip().replace("-", "_")] = _parse_value(v.strip())
-    return out
-
-
-def _parse_value(v: str):
-    low = v.lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v

@@ -80,6 +80,12 @@ class Checkpoints:
         trainer_state = {**trainer_state, "state": state.to_json()}
         save_checkpoint(self.last, model, meta, extra={"trainer": trainer_state})
 
+    def save_interrupted(self, model, state: RunState, trainer_state: dict, where: str) -> None:
+        """last.pt of a run stopped mid-epoch (`trainer_state` holds its position; meta "interrupted")."""
+        from pllcli.checkpoint import save_checkpoint
+        meta = {**self.meta, "epoch": state.epoch, "interrupted": where}
+        save_checkpoint(self.last, model, meta, extra={"trainer": {**trainer_state, "state": state.to_json()}})
+
     def last_good(self) -> str:
         return str(self.last) if self.last.exists() else "none"
 

@@ -15,18 +15,18 @@ class ClassifierTask(Task):
 
     def __init__(self, model, mem, labels_t, item_ids, objectives, augment, batches, *, seed: int, epochs: int,
                  num_classes: int, task: str, device, dist, max_frames: int | None = None, freeze: bool = False,
-                 valid=None):
+                 valid=None, loader=None):
         self.model, self.mem, self.labels_t, self.item_ids = model, mem, labels_t, item_ids
         self.objectives, self.augment, self._batches = objectives, augment, batches
         self.seed, self.epochs, self.C, self.task, self.device, self.dist = seed, epochs, num_classes, task, device, dist
-        self.max_frames, self.freeze, self.valid = max_frames, freeze, valid
+        self.max_frames, self.freeze, self.valid, self.loader = max_frames, freeze, valid, loader
         self.pad_value = model.encoder.norm.mean.detach().to(mem.device)
         self.prefetch_thread = mem.device.type == "cpu"
         metric = "mAP" if task == "multi" else "accuracy"
         self.monitor, self.higher = ("val_" + metric, True) if valid is not None else ("loss", False)
 
     def phases(self) -> list[Phase]:
-        return [Phase("main", [p for p in self.model.parameters() if p.requires_grad], self._batches)]
+        return [Phase("main", [p for p in self.model.parameters() if p.requires_grad], self._batches, self.loader)]
 
     def train_mode(self, model) -> None:
         model.train()
@@ -34,6 +34,8 @@ class ClassifierTask(Task):
             model.encoder.eval()
 
     def batch(self, phase, rows, epoch: int) -> dict:
+        if isinstance(rows, dict):  # streamed: built by the loader, already on the device
+            return rows
         rng = np.random.default_rng([self.seed, int(rows[0]), epoch, self.dist.rank])
         x, lens = self.mem.gather(rows, self.max_frames, rng, self.pad_value)
         b = self.labels_t.batch(rows)

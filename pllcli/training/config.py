@@ -61,6 +61,12 @@ class WhenWhoMode(Choice):
     tied = "tied"
 
 
+class DataPath(Choice):
+    memory = "memory"    # load the feature store into memory (float32)
+    stream = "stream"    # read it lazily from disk (pllcli.training.stream), bounded memory
+    auto = "auto"        # stream only when the store exceeds --max-memory
+
+
 class PretrainObjective(Choice):
     contrastive = "contrastive"
     masked = "masked"
@@ -80,7 +86,7 @@ DEFAULT_OBJECTIVES_NO_CLEAN = ("cr:eps=0.01",)  # the default for a store withou
 DEFAULT_CLEAN_SHARE = 0.25
 # config keys that may change between a run and its --resume
 RESUME_FREE = frozenset({"resume", "device", "progress", "outdir", "threads", "prefetch", "features", "labels",
-                         "valid", "valid_labels", "init"})
+                         "valid", "valid_labels", "init", "data", "max_memory", "loader_workers"})
 
 
 def check_range(value, flag: str, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = True) -> None:
@@ -97,6 +103,15 @@ def check_range(value, flag: str, lo=None, hi=None, *, lo_open: bool = False, hi
     if lo is None:
         raise UsageError(f"{flag} must be {'<' if hi_open else '<='} {hi:g}, got {value}")
     raise UsageError(f"{flag} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}, got {value}")
+
+
+def _check_data_flags(cfg) -> None:
+    """--data, --max-memory (bytes), --loader-workers of a Train/PretrainConfig."""
+    cfg.data = DataPath.coerce(cfg.data, "--data")
+    if cfg.max_memory is not None:
+        check_range(cfg.max_memory, "--max-memory (bytes)", 1)
+    if cfg.loader_workers is not None:
+        check_range(cfg.loader_workers, "--loader-workers", 0)
 
 
 def _plain(v):
@@ -146,8 +161,12 @@ class TrainConfig:
     progress: bool = True
     prefetch: bool = True
     threads: int | None = None
+    data: DataPath = DataPath.auto
+    max_memory: int | None = None    # bytes (--max-memory); None = a share of RAM
+    loader_workers: int | None = None  # DataLoader workers of the stream path; None = 0 on CPU, 2 on CUDA
 
     def __post_init__(self) -> None:
+        _check_data_flags(self)
         self.optimizer = Optimizer.coerce(self.optimizer, "--optimizer")
         self.lr_schedule = LRSchedule.coerce(self.lr_schedule, "--lr-schedule")
         self.sampler = Sampler.coerce(self.sampler, "--sampler")
@@ -251,8 +270,12 @@ class PretrainConfig:
     apc_shift: int = 5
     seed: int = 0
     max_batches_per_epoch: int = 0  # 0 = all
+    data: DataPath = DataPath.auto
+    max_memory: int | None = None
+    loader_workers: int | None = None
 
     def __post_init__(self) -> None:
+        _check_data_flags(self)
         self.objective = PretrainObjective.coerce(self.objective, "--objective")
         check_range(self.epochs, "--epochs", 1)
         check_range(self.batch_size, "--batch-size", 2)

@@ -203,10 +203,11 @@ def _grouped_batches(rows, lengths, batch_size, rng, rank, world, bucket, groups
 
 class Prefetcher:
     """Build batches in a background thread (queue of `depth`); `wait` accumulates the time the
-    consumer spent blocked on the queue (the data-wait figure)."""
+    consumer spent blocked on the queue (the data-wait figure). `items` is listed first unless
+    `lazy` (an iterable read as it goes, e.g. a StreamEpoch)."""
 
-    def __init__(self, make, items, depth: int = 2, thread: bool = True):
-        self.make, self.items, self.depth, self.thread = make, list(items), depth, thread
+    def __init__(self, make, items, depth: int = 2, thread: bool = True, lazy: bool = False):
+        self.make, self.items, self.depth, self.thread = make, items if lazy else list(items), depth, thread
         self.wait = 0.0
 
     def __iter__(self):

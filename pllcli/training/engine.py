@@ -14,6 +14,13 @@ Per epoch, each `Phase` of the task (one optimiser over some parameters, e.g. WH
 runs its batches: `task.batch(phase, key, epoch)` (in a prefetch thread) -> `task.loss(phase,
 batch, step)` -> backward, clip, step, schedule, EMA. Then the task validates the evaluation
 model (the EMA when on) and the checkpoints are written.
+
+A phase whose batches come from a `pllcli.training.stream.StreamLoader` (`Phase.loader`) is
+iterated directly (its DataLoader workers prefetch; data wait is the loader's), and the loader's
+position is part of the resume state. A run stopped by KeyboardInterrupt between two steps (one
+process) writes last.pt with its position in the epoch; `--resume` then continues at the next
+batch, exactly as the uninterrupted run would have. The log says whether a resume is mid-epoch
+or at an epoch boundary.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pllcli.errors import TrainingError
+from pllcli.errors import CheckpointError, TrainingError
 from pllcli.training.checkpoints import Checkpoints, RunState, average_states, load_resume
 from pllcli.training.distributed import Dist
 from pllcli.training.progress import Progress
@@ -61,6 +68,7 @@ class Phase:
     name: str
     params: list
     batches: Callable[[int], Sequence]
+    loader: Any = None         # a StreamLoader when `batches` is its `epoch` (streamed data)
 
 
 @dataclass
@@ -130,7 +138,8 @@ class Engine:
         self.phases = task.phases()
         self.opts = [make_optimizer(cfg.optimizer, p.params, cfg.lr, cfg.weight_decay, cfg.momentum)
                      for p in self.phases]
-        self.steps_per_epoch = [max(1, len(p.batches(0))) for p in self.phases]
+        self.steps_per_epoch = [max(1, len(p.loader) if p.loader is not None else len(p.batches(0)))
+                                for p in self.phases]
         self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, _factor(cfg.schedule, n))
                        for o, n in zip(self.opts, self.steps_per_epoch)]
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema > 0 else None
@@ -140,6 +149,8 @@ class Engine:
         self.state = RunState()
         self.stopped_early = False
         self._last_lr = cfg.lr
+        self._pos: dict | None = None     # where the epoch is (for a save on interrupt)
+        self._mutating = False            # inside an optimiser step: no consistent state to save
 
     @property
     def eval_model(self):
@@ -147,36 +158,57 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> RunState:
-        if self.cfg.resume:
-            self._resume(self.cfg.resume)
+        at = self._resume(self.cfg.resume) if self.cfg.resume else None
         st, cfg = self.state, self.cfg
         bar = Progress(sum(self.steps_per_epoch) * cfg.epochs, st.step, cfg.desc, cfg.progress and self.dist.main)
         try:
             for epoch in range(st.epoch, cfg.epochs):
                 _seed_epoch(cfg.seed, epoch, self.dist.rank)
                 self.task.train_mode(self.model)
-                t0, sums, waits = time.perf_counter(), {}, 0.0
-                for phase, opt, sched in zip(self.phases, self.opts, self.scheds):
-                    waits += self._run_phase(phase, opt, sched, epoch, sums, bar)
+                t0, sums, waits, first, skip = time.perf_counter(), {}, 0.0, 0, 0
+                if at is not None:  # resumed mid-epoch: its first batches are done
+                    first, skip, sums, waits, t0 = at["phase"], at["batches"], at["sums"], at["wait"], t0 - at["time"]
+                    _set_rng(at["rng"])
+                    at = None
+                for pi in range(first, len(self.phases)):
+                    self._pos = {"epoch": epoch, "phase": pi, "batches": skip if pi == first else 0, "sums": sums,
+                                 "wait": waits, "t0": t0, **self._snapshot()}
+                    waits += self._run_phase(pi, epoch, sums, bar, skip if pi == first else 0, waits)
+                self._pos = None
                 rec = self._end_epoch(epoch, sums, time.perf_counter() - t0, waits)
                 bar.epoch(_epoch_line(rec, cfg.epochs))
                 if st.stop(cfg.patience):
                     self.stopped_early = True
                     log.info("early stopping: no improvement of %s for %d epochs", self.task.monitor, cfg.patience)
                     break
+        except KeyboardInterrupt:
+            self._save_interrupted()
+            raise
         finally:
             bar.close()
         return st
 
-    def _run_phase(self, phase, opt, sched, epoch, sums, bar) -> float:
+    def _run_phase(self, pi: int, epoch: int, sums: dict, bar, skip: int = 0, wait0: float = 0.0) -> float:
+        """One phase's batches of `epoch` (after the first `skip`, done before a resume); -> data wait (s)."""
         from pllcli.training.data import Prefetcher
+        phase, opt, sched = self.phases[pi], self.opts[pi], self.scheds[pi]
         keys = phase.batches(epoch)
-        pf = Prefetcher(lambda k: self.task.batch(phase, k, epoch), keys,
-                        thread=self.cfg.prefetch and self.task.prefetch_thread)
-        for bi, batch in enumerate(pf):
-            step = Step(epoch, self.state.step, bi, epoch + bi / max(1, len(keys)), self._forward,
+        streamed = hasattr(keys, "wait")
+        if streamed:  # a StreamEpoch: its workers prefetch (or, without any, a thread)
+            skip, total = keys.start, keys.total   # it skipped what a resume consumed
+            src = keys if keys.loader.num_workers else Prefetcher(
+                lambda b: b, keys, thread=self.cfg.prefetch and self.task.prefetch_thread, lazy=True)
+        else:
+            total = len(keys)
+            src = Prefetcher(lambda k: self.task.batch(phase, k, epoch), list(keys)[skip:],
+                             thread=self.cfg.prefetch and self.task.prefetch_thread)
+        for bi, batch in enumerate(src, start=skip):
+            if streamed:  # the loader built it; the task may pass it through or finish it
+                batch = self.task.batch(phase, batch, epoch)
+            step = Step(epoch, self.state.step, bi, epoch + bi / max(1, total), self._forward,
                         self.ema.module if self.ema is not None else None, self.dist)
             loss, parts, n = self.task.loss(phase, batch, step)
+            self._mutating = True
             self._optimize(opt, phase, loss, parts, batch, epoch, bi)
             self._last_lr = opt.param_groups[0]["lr"]
             sched.step()
@@ -184,8 +216,10 @@ class Engine:
                 self.ema.update_parameters(self.model)
             self.state.step += 1
             _accumulate(sums, phase, loss, parts, n)
+            self._mutating = False
+            self._pos.update(batches=bi + 1, wait=wait0 + src.wait, **self._snapshot())
             bar.step(epoch=f"{epoch + 1}/{self.cfg.epochs}", loss=f"{sums['loss'][0] / max(1, sums['loss'][1]):.3f}")
-        return pf.wait
+        return src.wait
 
     def _forward(self, *args, model=None, **kw):
         import torch
@@ -259,19 +293,51 @@ class Engine:
         return True, float(rec["epoch"]), True
 
     # ------------------------------------------------------------------ resume state
-    def _trainer_state(self) -> dict:
+    def _trainer_state(self, pos: dict | None = None) -> dict:
+        """The resume state; `pos` (mid-epoch) = where the epoch stopped, else at the epoch's end."""
         import torch
         st = {"model": self.model.state_dict(),
               "optimizers": {p.name: o.state_dict() for p, o in zip(self.phases, self.opts)},
               "schedulers": {p.name: s.state_dict() for p, s in zip(self.phases, self.scheds)},
-              "task": self.task.state_dict(), "rng": {"torch": torch.get_rng_state()}}
+              "task": self.task.state_dict(), "rng": {"torch": torch.get_rng_state()},
+              "data": {p.name: p.loader.state_dict(_consumed(pos, i)) for i, p in enumerate(self.phases)
+                       if p.loader is not None}}
+        if pos is not None:
+            st["model"] = {**st["model"], **{k: v for k, v in pos["buffers"].items() if k in st["model"]}}
+            st["position"] = {"epoch": pos["epoch"], "phase": pos["phase"], "batches": pos["batches"],
+                              "wait": pos["wait"], "time": time.perf_counter() - pos["t0"], "world": self.dist.world,
+                              "sums": {k: [float(v), int(c)] for k, (v, c) in pos["sums"].items()}}
+            st["rng"] = pos["rng"]
         if self.ema is not None:
             st["ema"] = self.ema.state_dict()
         if self.scaler.is_enabled():
             st["scaler"] = self.scaler.state_dict()
         return st
 
-    def _resume(self, path) -> None:
+    def _snapshot(self) -> dict:
+        """What a step's forward changes besides the optimiser's work (RNG states, BatchNorm
+        statistics), taken between steps so that an interrupt inside one can be undone."""
+        if self.ckpt is None or self.dist.enabled:
+            return {}
+        return {"rng": _get_rng(), "buffers": {k: b.detach().clone() for k, b in self.model.named_buffers()}}
+
+    def _save_interrupted(self) -> None:
+        """On KeyboardInterrupt between two steps: last.pt with the position in the epoch."""
+        pos = self._pos
+        if pos is None or self.ckpt is None or not self.dist.main:
+            return
+        where = f"epoch {pos['epoch'] + 1}, {self.phases[pos['phase']].name} batch {pos['batches']}"
+        if self._mutating or "rng" not in pos:  # inside a step, or under torchrun (no snapshots)
+            log.warning("interrupted at %s; %s: --resume continues from the last epoch boundary", where,
+                        "under torchrun" if self.dist.enabled else "inside an optimiser step")
+            return
+        if pos["phase"] == 0 and pos["batches"] == 0:
+            return  # last.pt of the previous epoch is this position
+        self.ckpt.save_interrupted(self.eval_model, self.state, self._trainer_state(pos), where)
+        log.warning("interrupted at %s: wrote %s; --resume continues mid-epoch", where, self.ckpt.last)
+
+    def _resume(self, path) -> dict | None:
+        """Load the resume state; -> the position in the epoch when it stopped mid-epoch, else None."""
         tr, _ = load_resume(path, self.cfg.resume_config)
         self.model.load_state_dict(tr["model"])
         for p, o, s in zip(self.phases, self.opts, self.scheds):
@@ -283,6 +349,19 @@ class Engine:
             self.scaler.load_state_dict(tr["scaler"])
         self.task.load_state_dict(tr.get("task", {}))
         self.state = RunState.from_json(tr["state"])
+        for p in self.phases:
+            if p.loader is not None and p.name in tr.get("data", {}):
+                log.info("%s", p.loader.load_state_dict(tr["data"][p.name]))
+        pos = tr.get("position")
+        if pos is None:
+            log.info("resume: at the epoch boundary, epoch %d of %d", self.state.epoch + 1, self.cfg.epochs)
+            return None
+        if pos["world"] != self.dist.world:
+            raise CheckpointError(f"{path}: stopped mid-epoch with {pos['world']} process(es); resume it with "
+                                  f"the same number (this run has {self.dist.world})")
+        log.info("resume: mid-epoch, epoch %d at %s batch %d", pos["epoch"] + 1, self.phases[pos["phase"]].name,
+                 pos["batches"] + 1)
+        return {**pos, "sums": {k: list(v) for k, v in pos["sums"].items()}, "rng": tr["rng"]}
 
     # ------------------------------------------------------------------ after the run
     def average_topk(self):
@@ -319,6 +398,33 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     s = (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**63)
     torch.manual_seed(s)
     random.seed(s)
+
+
+def _consumed(pos: dict | None, phase: int) -> int | None:
+    """Batches of phase `phase` done at `pos` (None: the whole epoch, as the loader counts)."""
+    if pos is None or pos["phase"] < phase:
+        return None if pos is None else 0
+    return pos["batches"] if pos["phase"] == phase else None
+
+
+def _get_rng() -> dict:
+    import torch
+    st = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state()
+    v, state, gauss = random.getstate()
+    st["random"] = [v, list(state), gauss]
+    return st
+
+
+def _set_rng(st: dict) -> None:
+    import torch
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+    if "random" in st:
+        v, state, gauss = st["random"]
+        random.setstate((v, tuple(state), gauss))
 
 
 def _accumulate(sums: dict, phase: Phase, loss, parts: dict, n: int) -> None:

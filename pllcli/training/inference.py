@@ -1,7 +1,8 @@
-"""Inference on in-memory features: batched forward passes, probabilities, chunk averaging.
+"""Inference on features: batched forward passes, probabilities, chunk averaging.
 
 Used by training (validation), `predict` and `evaluate`. `feats` is a
-`pllcli.training.data.InMemoryFeatures` (or a chunk view of one).
+`pllcli.training.data.InMemoryFeatures`, a `pllcli.training.stream.StoreFeatures` (read lazily,
+bounded memory; `stream.open_features` picks one for --data/--max-memory), or a chunk view of either.
 """
 from __future__ import annotations
 
@@ -15,39 +16,43 @@ def infer(model, feats, rows=None, device="cpu", batch_size: int = 64, max_frame
     """Run `model` (eval) on store rows (sorted by length for little padding; full length unless
     `max_frames`); returns {name: (N, ...) np.float32} in the order of `rows` for every name in
     `outputs` (required) and in `optional` (kept when the model gives it), plus "frame_lengths"
-    (N,) with "frame_logits"."""
+    (N,) with "frame_logits". `feats` read lazily (StoreFeatures) is read in windows of
+    neighbouring rows (sorted by length inside each), so memory stays bounded."""
     import torch
     rows = np.arange(len(feats.num_frames)) if rows is None else np.asarray(rows, np.int64)
-    order = np.argsort(feats.num_frames[rows], kind="stable")
     pad = getattr(getattr(getattr(model, "encoder", None), "norm", None), "mean", None)
-    pad = pad.detach().to(feats.device) if pad is not None else None
     res: dict[str, list] = {k: [] for k in outputs}
     frame_lens: list[np.ndarray] = []
+    done: list[np.ndarray] = []
     was = model.training
     model.eval()
     dev = torch.device(device)
     with torch.no_grad():
-        for s in range(0, len(rows), batch_size):
-            b = rows[order[s:s + batch_size]]
-            x, lens = feats.gather(b, max_frames, None, pad)
-            x, lens = x.to(dev, non_blocking=True), lens.to(dev)
-            with torch.autocast(dev.type, enabled=amp and dev.type == "cuda"):
-                out = model(x, lens)
-            if s == 0:
-                outputs = tuple(outputs) + tuple(k for k in optional if k in out and k not in outputs)
-                res.update({k: [] for k in outputs if k not in res})
-            for k in outputs:
-                if k not in out:
-                    raise UsageError(f"this model has no {k!r} output (a frame-level model such as "
-                                     f"crnn or whenwho gives frame_logits)")
-                res[k].append(out[k].float().cpu().numpy())
-            if "frame_logits" in outputs:
-                fl = out.get("frame_lengths")
-                if fl is None:
-                    t_out, t_in = out["frame_logits"].shape[1], x.shape[1]
-                    fl = np.minimum(t_out, np.ceil(lens.cpu().numpy() * t_out / t_in))
-                frame_lens.append(np.asarray(fl.cpu() if hasattr(fl, "cpu") else fl).astype(np.int64))
+        for src, local, where in read_windows(feats, rows, batch_size):
+            p = pad.detach().to(src.device) if pad is not None else None
+            order = np.argsort(src.num_frames[local], kind="stable")
+            for s in range(0, len(order), batch_size):
+                x, lens = src.gather(local[order[s:s + batch_size]], max_frames, None, p)
+                x, lens = x.to(dev, non_blocking=True), lens.to(dev)
+                with torch.autocast(dev.type, enabled=amp and dev.type == "cuda"):
+                    out = model(x, lens)
+                if not done:
+                    outputs = tuple(outputs) + tuple(k for k in optional if k in out and k not in outputs)
+                    res.update({k: [] for k in outputs if k not in res})
+                done.append(where[order[s:s + batch_size]])
+                for k in outputs:
+                    if k not in out:
+                        raise UsageError(f"this model has no {k!r} output (a frame-level model such as "
+                                         f"crnn or whenwho gives frame_logits)")
+                    res[k].append(out[k].float().cpu().numpy())
+                if "frame_logits" in outputs:
+                    fl = out.get("frame_lengths")
+                    if fl is None:
+                        t_out, t_in = out["frame_logits"].shape[1], x.shape[1]
+                        fl = np.minimum(t_out, np.ceil(lens.cpu().numpy() * t_out / t_in))
+                    frame_lens.append(np.asarray(fl.cpu() if hasattr(fl, "cpu") else fl).astype(np.int64))
     model.train(was)
+    order = np.concatenate(done) if done else np.zeros(0, np.int64)
     inv = np.empty_like(order)
     inv[order] = np.arange(len(order))
     result = {}
@@ -62,6 +67,21 @@ def infer(model, feats, rows=None, device="cpu", batch_size: int = 64, max_frame
     if frame_lens:
         result["frame_lengths"] = np.concatenate(frame_lens)[inv]
     return result
+
+
+def read_windows(feats, rows: np.ndarray, batch_size: int, batches_per_window: int = 8):
+    """(features, their rows, positions in `rows`) to run batches of: all of `feats` at once when
+    in memory; for a lazily read store (StoreFeatures, with `clips`), windows of 8 batches of
+    neighbouring rows read into memory (a few contiguous reads each)."""
+    if not hasattr(feats, "clips"):
+        yield feats, rows, np.arange(len(rows))
+        return
+    from pllcli.training.data import InMemoryFeatures
+    pos = np.argsort(rows, kind="stable")
+    w = batches_per_window * batch_size
+    for s in range(0, len(pos), w):
+        where = pos[s:s + w]
+        yield InMemoryFeatures.from_clips(feats.clips(rows[where])), np.arange(len(where)), where
 
 
 def chunk_frames_for(meta: dict, feature_config, chunk: float | None) -> int:
@@ -85,13 +105,41 @@ def score_clips(model, meta: dict, mem, feature_config, device, batch_size: int 
     chunk_frames = chunk_frames_for(meta, feature_config, chunk)
     may_have_frames = getattr(model, "frame_level", True)  # a clip-level Classifier has none
     res: dict = {}
-    if not chunk_frames or frames == "required" or (frames == "optional" and may_have_frames):
+    if chunk_frames and frames == "required" and not may_have_frames:  # a clip-level model as a detector
+        res = sliding_chunk_frames(model, mem, chunk_frames, max(1, chunk_frames // 16), task, device, batch_size, amp)
+    elif not chunk_frames or frames == "required" or (frames == "optional" and may_have_frames):
         res = infer(model, mem, None, device, batch_size, amp=amp,
                     outputs=("logits", "frame_logits") if frames == "required" else ("logits",),
                     optional=("frame_logits",) if frames == "optional" else ())
     if chunk_frames:
         return chunk_probabilities(model, mem, chunk_frames, task, device, batch_size, amp), res, chunk_frames
     return probabilities(res["logits"], task), res, 0
+
+
+def sliding_chunk_frames(model, mem, chunk_frames: int, hop_frames: int, task: str, device, batch_size: int = 64,
+                         amp: bool = False) -> dict:
+    """A clip-level model as a detector: its probabilities on windows of `chunk_frames` input frames
+    every `hop_frames` (`events.sliding_windows`), overlap-averaged per input frame
+    (`events.overlap_average`) -> {"frame_logits": (N, T_max, C) logits of those probabilities
+    (padded with -30), "frame_lengths": (N,) input frames}. `mem` in memory or read lazily."""
+    from pllcli.events import overlap_average, sliding_windows
+    from pllcli.training.data import InMemoryFeatures
+    n = mem.num_frames.astype(np.int64)
+    out = None
+    for src, local, where in read_windows(mem, np.arange(len(n)), batch_size):
+        feats = src.feats.cpu().numpy()
+        spans = [sliding_windows(int(src.num_frames[j]), chunk_frames, hop_frames) for j in local]
+        crops = [feats[src.offsets[j] + a:src.offsets[j] + b] for j, r in zip(local, spans) for a, b in r]
+        p = probabilities(infer(model, InMemoryFeatures.from_clips(crops), None, device, batch_size,
+                                amp=amp)["logits"], task)
+        if out is None:
+            out = np.full((len(n), int(n.max()), p.shape[1]), -30.0, np.float32)
+        k = 0
+        for w, r in zip(where, spans):
+            fp = np.clip(overlap_average(p[k:k + len(r)], r, int(n[w])), 1e-6, 1 - 1e-6)
+            out[w, :n[w]] = np.log(fp / (1 - fp))
+            k += len(r)
+    return {"frame_logits": out, "frame_lengths": n}
 
 
 def probabilities(logits: np.ndarray, task: str = "single") -> np.ndarray:

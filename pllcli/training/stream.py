@@ -33,6 +33,10 @@ task uses, so a batch of the same rows equals the in-memory one. Batch dict: x (
         for batch in loader.epoch(epoch):   # dicts on the device; loader.state_dict() at any point
             ...
 
+The stages use two helpers: `make_loader(store, rows, batch_size=, max_memory=, workers=, device=,
+procs=, ...)` (a StreamLoader whose buffers fit the budget; train and pretrain) and
+`open_features(store, data, max_memory)` (InMemoryFeatures or StoreFeatures for inference).
+
 Resume is exact mid-epoch (`RESUME_GRANULARITY = "batch"`): the plan is deterministic, so a
 loader restored from `state_dict()` skips the batches already consumed (reading only the blocks
 that still hold items of later batches) and yields the same batches as an uninterrupted run.
@@ -40,6 +44,7 @@ that still hold items of later batches) and yields the same batches as an uninte
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import time
@@ -52,6 +57,8 @@ from torch.utils.data import IterableDataset
 from pllcli.errors import InputError, TrainingError, UsageError
 from pllcli.features.store import FEATURE_CHUNK_ROWS
 from pllcli.training.data import InMemoryFeatures
+
+log = logging.getLogger(__name__)
 
 RESUME_GRANULARITY = "batch"       # what `StreamLoader.load_state_dict` restores: mid-epoch, exactly
 DEFAULT_BLOCK_CHUNKS = 4            # a block covers about 4 HDF5 chunks (4096 frames)
@@ -572,12 +579,17 @@ class StreamLoader:
         cuda = self.device.type == "cuda" and torch.cuda.is_available()
         kw = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": self.mp_context} \
             if self.num_workers else {}
+        # a generator of its own: the DataLoader's base seed must not draw from the global RNG
+        # (the training's augmentations do; a mid-epoch resume restores that RNG)
+        gen = torch.Generator().manual_seed(self.dataset.seed * 7919 + int(epoch))
         dl = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                                         pin_memory=cuda, persistent_workers=False, **kw)
+                                         pin_memory=cuda, persistent_workers=False, generator=gen, **kw)
         return StreamEpoch(self, dl, skip)
 
-    def state_dict(self) -> dict:
-        e, n = self._epoch, self._consumed
+    def state_dict(self, consumed: "int | None" = None) -> dict:
+        """Where the run is: after `consumed` batches of the current epoch (default: all
+        yielded so far; the engine passes the batches it has trained on)."""
+        e, n = self._epoch, self._consumed if consumed is None else int(consumed)
         if n >= len(self):
             e, n = e + 1, 0
         d = self.dataset
@@ -599,7 +611,8 @@ class StreamLoader:
 
     def _plan_key(self) -> str:
         d = self.dataset
-        return (f"seed={d.seed},B={d.batch_size},world={d.world},rank={d.rank},workers={self.num_workers},"
+        # not the rank: every rank resumes from rank 0's state (the same number of batches consumed)
+        return (f"seed={d.seed},B={d.batch_size},world={d.world},workers={self.num_workers},"
                 f"block={d.block_frames},buffer={d.buffer_frames},shuffle={int(d.shuffle)},groups={d.group_k}")
 
     def _worker_rows(self, n: int) -> str:
@@ -659,7 +672,7 @@ def stream_buffer_frames(max_memory: int, store, batch_size: int, num_workers: i
     worker. UsageError when not even one batch fits."""
     F, item = store.feature_dim, np.dtype(store.dtype).itemsize
     W = max(1, int(num_workers))
-    t = int(max_frames or store.num_frames.max())
+    t = int(min(max_frames or np.inf, store.num_frames.max()))
     in_flight = (W * prefetch_factor + 2) * batch_size * t * F * 4
     block = (DEFAULT_BLOCK_CHUNKS * FEATURE_CHUNK_ROWS + int(store.num_frames.max())) * F * item
     frames = (int(max_memory) - in_flight - W * block) // (W * F * item)
@@ -668,6 +681,27 @@ def stream_buffer_frames(max_memory: int, store, batch_size: int, num_workers: i
                          f"({_fmt_bytes(in_flight + W * block)} for batches of {batch_size} x {t} frames and "
                          f"{W} worker(s)); raise --max-memory or lower --batch-size")
     return int(frames)
+
+
+def default_loader_workers(workers: "int | None", device) -> int:
+    """--loader-workers: as given, else 2 on CUDA (reads overlap the GPU's work) and 0 on CPU."""
+    if workers is not None:
+        return int(workers)
+    return 2 if torch.device(device).type == "cuda" else 0
+
+
+def make_loader(store, rows=None, *, batch_size: int, max_memory: "int | None", workers: "int | None", device,
+                procs: int = 1, max_frames: "int | None" = None, **dataset_kw) -> StreamLoader:
+    """A StreamLoader over `rows` of `store` whose buffers fit `max_memory // procs` (procs: the
+    processes of this machine, e.g. LOCAL_WORLD_SIZE). Without --max-memory the buffer is at most
+    4 x DEFAULT_BUFFER_FRAMES per worker (a bigger one only delays the first batch)."""
+    w = default_loader_workers(workers, device)
+    budget = (max_memory or default_memory_budget()) // max(1, int(procs))
+    buf = stream_buffer_frames(budget, store, batch_size, w, max_frames)
+    if not max_memory:
+        buf = min(buf, 4 * DEFAULT_BUFFER_FRAMES)
+    ds = StreamDataset(store, rows, batch_size=batch_size, max_frames=max_frames, buffer_frames=buf, **dataset_kw)
+    return StreamLoader(ds, w, device)
 
 
 # ------------------------------------------------------------------ reading without a plan
@@ -704,6 +738,17 @@ class StoreFeatures:
 
     def stats(self, rows=None):
         return feature_stats(self.store, rows)
+
+
+def open_features(store, data="auto", max_memory: "int | None" = None, device=None, procs: int = 1):
+    """The reading side of a stage for `--data`/`--max-memory`: InMemoryFeatures of the whole
+    store (on `device` when it fits), or StoreFeatures (bounded memory, same interface) when
+    `choose_data_path` says stream; logs which and why."""
+    path, why = choose_data_path(in_memory_bytes(store), max_memory, data, procs)
+    log.info("%s: %s", store.path, why)
+    if path == "stream":
+        return StoreFeatures(store)
+    return InMemoryFeatures(*store.load_all(), device)
 
 
 def iter_store_blocks(store, rows=None, block_frames: int = 64 * FEATURE_CHUNK_ROWS):

@@ -2,9 +2,11 @@
 
     train(TrainConfig(features=..., labels=..., outdir=...)) -> summary dict
 
-Data: the feature store is loaded into memory once (`FeatureStore.load_all`) and batched with a
-vectorised gather (random crops, padding); labels come from the label store joined by id
-(feature ids the store lacks count as unlabeled). Loss: the sum of objectives (see
+Data (`--data`): the feature store is loaded into memory once (`FeatureStore.load_all`) and
+batched with a vectorised gather (random crops, padding), or streamed from disk with bounded
+memory (`pllcli.training.stream`: other batch compositions, the same crops of the same items);
+`auto` streams when the store exceeds `--max-memory`. Labels come from the label store joined
+by id (feature ids the store lacks count as unlabeled). Loss: the sum of objectives (see
 `objectives`), each weighted by its schedule; the default recipe is DEFAULT_OBJECTIVES with
 `clean_share` of every batch drawn from the clean items (the README has its figures).
 
@@ -16,13 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pllcli.errors import CheckpointError, InputError, TrainingError
+from pllcli.errors import CheckpointError, InputError, TrainingError, UsageError
 from pllcli.training.config import (DEFAULT_CLEAN_SHARE, DEFAULT_OBJECTIVES,  # noqa: F401 (re-exported)
                                     DEFAULT_OBJECTIVES_NO_CLEAN, LR_SCHEDULES, OPTIMIZERS, TrainConfig)
 
@@ -74,10 +77,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = _build_model(cfg, inp, device)
     dist.broadcast_module(model)
     augment = _augment(cfg, model)
-    task = ClassifierTask(model, inp.mem, inp.labels_t, inp.item_ids, objectives, augment, _batches(cfg, inp, dist),
+    loader = _stream_loader(cfg, inp, model, dist, device) if inp.path == "stream" else None
+    task = ClassifierTask(model, inp.mem, inp.labels_t, inp.item_ids, objectives, augment,
+                          loader.epoch if loader is not None else _batches(cfg, inp, dist),
                           seed=cfg.seed, epochs=cfg.epochs, num_classes=inp.C, task=inp.task, device=device,
                           dist=dist, max_frames=cfg.max_frames, freeze=cfg.freeze,
-                          valid=inp.valid)
+                          valid=inp.valid, loader=loader)
     _setup_objectives(objectives, inp, device, dist)
     meta = _meta(cfg, inp, model, objectives)
     ckpt = Checkpoints(outdir / "last.pt", outdir / "best.pt", outdir / "topk", cfg.top_k, meta)
@@ -93,8 +98,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+def data_path(cfg, fs, unsupported: dict) -> tuple[str, str]:
+    """("memory" | "stream", reason) for cfg.data / cfg.max_memory on store `fs` (or a list of
+    stores, together); `unsupported`
+    {flag: on} lists what the stream path cannot do yet: under `auto` they keep the store in
+    memory, under `--data stream` they are a UsageError. Every local rank decides the same."""
+    from pllcli.training.stream import choose_data_path, in_memory_bytes
+    flags = [f for f, on in unsupported.items() if on]
+    if flags and cfg.data == "stream":
+        raise UsageError(f"--data stream does not support {' or '.join(flags)} yet; use --data memory (or auto)")
+    if flags and cfg.data == "auto":
+        return "memory", f"data path: memory (--data auto: {' and '.join(flags)} need(s) the store in memory)"
+    need = sum(in_memory_bytes(f) for f in (fs if isinstance(fs, (list, tuple)) else [fs]))
+    return choose_data_path(need, cfg.max_memory, cfg.data,
+                            procs=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 class _Inputs:
-    """Feature store in memory, labels joined by id, objectives, training and validation rows."""
+    """Feature store (in memory or streamed), labels joined by id, objectives, training and validation rows."""
 
     def __init__(self, cfg: TrainConfig, device):
         from pllcli.features import FeatureStore
@@ -106,7 +127,10 @@ class _Inputs:
         fs = FeatureStore(cfg.features)
         lab, label_rows, self.added = load_labels(fs.ids, cfg.labels)
         self.fs, self.item_ids, self.seg_info = fs, fs.ids, None
-        feats, offsets = fs.load_all()
+        self.path, self.path_reason = data_path(cfg, fs, {"--segment-labels": cfg.segment_labels,
+                                                          "--sampler balanced": cfg.sampler == "balanced"})
+        log.info("%s", self.path_reason)
+        feats, offsets = fs.load_all() if self.path == "memory" else (None, fs.offsets)
         if cfg.segment_labels:  # PSL: every labelled segment becomes an item of its own
             from pllcli.training.segments import expand_segments
             feats, offsets, self.item_ids, lab, label_rows, self.seg_info = expand_segments(
@@ -124,9 +148,15 @@ class _Inputs:
         self.cfg, self.lab, self.label_rows = cfg, lab, label_rows
         self.objectives = [build_objective(s) for s in cfg.objectives]
         rows = select_rows(self.objectives, lab, label_rows)
-        _check_finite(feats, offsets, self.item_ids, cfg.features)
-        self.mem = InMemoryFeatures(feats, offsets, device)
-        del feats
+        if self.path == "memory":
+            _check_finite(feats, offsets, self.item_ids, cfg.features)
+            self.mem = InMemoryFeatures(feats, offsets, device)
+            del feats
+        else:  # NaN/inf: the input statistics (_build_model) read every training frame and name it
+            from pllcli.training.stream import StoreFeatures, nonfinite_rows
+            self.mem = StoreFeatures(fs)
+            if cfg.init and len(bad := nonfinite_rows(fs, rows)):
+                raise InputError(f"features of item {fs.ids[bad[0]]!r} contain NaN/inf", cfg.features)
         self.rows, self.valid = _validation(cfg, self, rows, device)
         if len(self.rows) == 0:
             kinds = sorted({k for o in self.objectives for k in o.items})
@@ -161,8 +191,12 @@ def _validation(cfg: TrainConfig, inp: _Inputs, rows, device):
         if not ok.any():
             raise InputError("the validation set has no items with a clean label" +
                              (" or tags" if task == "multi" else ""), cfg.valid)
-        vf, vo = vfs.load_all()
-        return rows, Validation(InMemoryFeatures(vf, vo, device), np.flatnonzero(ok), vlab, vrows, task, device)
+        if inp.path == "memory":
+            vmem = InMemoryFeatures(*vfs.load_all(), device)
+        else:
+            from pllcli.training.stream import StoreFeatures
+            vmem = StoreFeatures(vfs)
+        return rows, Validation(vmem, np.flatnonzero(ok), vlab, vrows, task, device)
     if cfg.valid_fraction > 0:
         lrows = label_rows[rows]
         cand_rows = rows[lab.has_tags[lrows] if task == "multi" else lab.clean[lrows] >= 0]
@@ -222,6 +256,19 @@ def _batches(cfg: TrainConfig, inp: _Inputs, dist):
     return for_epoch
 
 
+def _stream_loader(cfg: TrainConfig, inp: _Inputs, model, dist, device):
+    """The StreamLoader of the training rows (batch groups as `_batches`; pad value = the input mean)."""
+    from pllcli.training.selection import batch_groups
+    from pllcli.training.stream import make_loader
+    loader = make_loader(inp.fs, inp.rows, batch_size=cfg.batch_size, max_memory=cfg.max_memory,
+                         workers=cfg.loader_workers, device=device, procs=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                         max_frames=cfg.max_frames, seed=cfg.seed, pad_value=model.encoder.norm.mean,
+                         labels=inp.labels_t, rank=dist.rank, world=dist.world, x_key="x_raw",
+                         groups=batch_groups(cfg, inp.rows, inp.lab, inp.label_rows))
+    log.info("%s", loader.describe())
+    return loader
+
+
 def _setup_objectives(objectives, inp: _Inputs, device, dist) -> None:
     from pllcli.training.objectives import SetupContext
     setup = SetupContext(num_items=len(inp.item_ids), num_classes=inp.C, device=device, task=inp.task,
@@ -264,6 +311,7 @@ def _finish(engine, task, outdir: Path, meta: dict, inp: _Inputs, wall: float) -
         "epoch_time_s": float(np.mean(times)) if times else None,
         "data_wait_share": float(sum(waits) / max(1e-9, sum(times))) if times else None,
         "wall_s": round(wall, 2), "device": str(engine.device),
+        "data": {"path": inp.path, "reason": inp.path_reason},
         "checkpoints": {k: str(outdir / f"{k}.pt") for k in ("best", "last", "averaged")
                         if (outdir / f"{k}.pt").exists()},
     }

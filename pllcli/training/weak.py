@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -41,6 +42,7 @@ from pllcli.training.schedules import Schedule
 from pllcli.training.weak_objectives import when_clip_probs, when_loss, who_loss  # noqa: F401  (re-exported)
 
 MODES = WHEN_WHO_MODES
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ training
@@ -282,7 +284,7 @@ def train_when_who(cfg: TrainConfig, mode: str = "separate", when_pooling: str =
     from pllcli.io import provenance, write_json
     from pllcli.models import build_model
     from pllcli.training.distributed import start
-    from pllcli.training.trainer import engine_config, load_labels
+    from pllcli.training.trainer import data_path, engine_config, load_labels
 
     check_when_who_flags(cfg)
     out = Path(cfg.outdir)
@@ -296,8 +298,13 @@ def train_when_who(cfg: TrainConfig, mode: str = "separate", when_pooling: str =
                          str(cfg.labels), field="tags")
     keep = np.flatnonzero(lab.has_tags[label_rows])
     Y = lab.tag_matrix(label_rows[keep])
-    feats, offsets = fs.load_all()
-    mem = InMemoryFeatures(feats, offsets, dev)
+    path, why = data_path(cfg, fs, {})
+    log.info("%s%s", why, "; WHEN/WHO reads each batch's clips from the store" if path == "stream" else "")
+    if path == "stream":  # bounded memory; the samplers' random clips are read batch by batch
+        from pllcli.training.stream import StoreFeatures
+        mem = StoreFeatures(fs)
+    else:
+        mem = InMemoryFeatures(*fs.load_all(), dev)
     train_i, valid_i = _split(len(keep), cfg.valid_fraction, cfg.seed)
     weak = WeakConfig(mode=mode, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, when_pooling=when_pooling,
                       who_loss=who_loss, who_sampler=who_sampler, seed=cfg.seed, weight_decay=cfg.weight_decay)

@@ -51,8 +51,30 @@ def _tag_targets(ctx, use_soft):
         m = m | soft
     return m, y
 
+
+class _TagObjective(Objective):
+    """An objective on the batch items with weak tags: `tag_loss(ctx, m, y)` gets their mask (B,)
+    and targets (B, C); a batch without tagged items gives no loss."""
+    use_soft = False
+    requires_output: tuple[str, str] | None = None  # (ctx.out key, error when the model lacks it)
+
+    def loss(self, ctx):
+        if self.requires_output is not None and self.requires_output[0] not in ctx.out:
+            raise UsageError(self.requires_output[1])
+        m, y = _tag_targets(ctx, self.use_soft)
+        return self.tag_loss(ctx, m, y) if m.any() else None
+
+    def tag_loss(self, ctx, m, y):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _keep_pooling(self, pooling) -> str:
+        """`pooling` with '-' read as '_', kept as self.pooling (and in params)."""
+        self.pooling = str(pooling).replace("-", "_")
+        self.params = {"pooling": self.pooling}
+        return self.pooling
+
 @register_objective("multilabel-bce")
-class MultiLabelBCE(Objective):
+class MultiLabelBCE(_TagObjective):
     """Multi-label BCE on clip logits vs weak tags (use_soft=true adds soft/PSL labels)."""
     items = ("tags", "soft")
 
@@ -61,69 +83,52 @@ class MultiLabelBCE(Objective):
         self.use_soft = bool(use_soft)
         self.params = {"use_soft": self.use_soft}
 
-    def loss(self, ctx):
-        m, y = _tag_targets(ctx, self.use_soft)
-        if not m.any():
-            return None
+    def tag_loss(self, ctx, m, y):
         return mil.bce_loss(ctx.out["logits"][m], y[m])
 
 @register_objective("multilabel-hinge")
-class MultiLabelHinge(Objective):
+class MultiLabelHinge(_TagObjective):
     """Multi-label hinge (MultiLabelMarginLoss) on clip logits vs weak tags."""
     items = ("tags",)
 
-    def loss(self, ctx):
-        m, y = _tag_targets(ctx, False)
-        if not m.any():
-            return None
+    def tag_loss(self, ctx, m, y):
         return mil.hinge_loss(ctx.out["logits"][m], y[m])
 
 @register_objective("mil")
-class MILObjective(Objective):
+class MILObjective(_TagObjective):
     """MIL on frame_logits vs weak tags: pooling=max|mean|noisy_or|linear_softmax|mmm."""
     items = ("tags",)
+    requires_output = ("frame_logits", "the mil objective needs a frame-level model (one with frame_logits, "
+                       "e.g. crnn)")
 
     def __init__(self, pooling: str = "max", **kw):
         super().__init__(**kw)
-        pooling = str(pooling).replace("-", "_")
+        pooling = self._keep_pooling(pooling)
         if pooling == "attention":
             raise UsageError("mil:pooling=attention needs learnable weights; frame-level models already "
                              "attention-pool their clip logits, so use multilabel-bce")
         if pooling != "mmm":
             mil.check_pooling(pooling)
-        self.pooling = pooling
-        self.params = {"pooling": pooling}
 
-    def loss(self, ctx):
-        if "frame_logits" not in ctx.out:
-            raise UsageError("the mil objective needs a frame-level model (one with frame_logits, e.g. crnn)")
-        m, y = _tag_targets(ctx, False)
-        if not m.any():
-            return None
+    def tag_loss(self, ctx, m, y):
         z = ctx.out["frame_logits"]
         lens = ctx.out.get("frame_lengths")
         mask = mil.lengths_to_mask(lens, z.shape[1]) if lens is not None else None
         return mil.mil_loss(z[m], y[m], self.pooling, None if mask is None else mask[m])
 
 @register_objective("when-mmm")
-class WhenObjective(Objective):
+class WhenObjective(_TagObjective):
     """WHEN: class-agnostic MIL (pooling=mmm default) on the whenwho model's WHEN frames; positive = any tag."""
     items = ("tags",)
+    requires_output = ("when_frame_logits", "the when-mmm objective needs the whenwho model (--model whenwho)")
 
     def __init__(self, pooling: str = "mmm", **kw):
         super().__init__(**kw)
-        pooling = str(pooling).replace("-", "_")
+        pooling = self._keep_pooling(pooling)
         if pooling not in WHEN_LOSSES:
             raise UsageError(f"unknown WHEN loss {pooling!r} (choose from {', '.join(WHEN_LOSSES)})")
-        self.pooling = pooling
-        self.params = {"pooling": pooling}
 
-    def loss(self, ctx):
-        if "when_frame_logits" not in ctx.out:
-            raise UsageError("the when-mmm objective needs the whenwho model (--model whenwho)")
-        m, y = _tag_targets(ctx, False)
-        if not m.any():
-            return None
+    def tag_loss(self, ctx, m, y):
         keys = ("when_frame_logits", "when_frames", "frame_lengths", "when_clip_attention")
         out = {k: v[m] for k, v in ctx.out.items() if k in keys}
         return when_loss(out, (y[m].amax(dim=1) > 0.5).float(), self.pooling, ctx.model)
