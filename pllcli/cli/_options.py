@@ -6,6 +6,8 @@ from typing import Annotated, Callable, Iterable, Optional
 
 import typer
 
+from pllcli.training.config import DataPath
+
 JsonOut = Annotated[Optional[str], typer.Option(
     "--json", metavar="FILE", help="Also write the figures as JSON to FILE ('-' for stdout).")]
 # every command gives --device the default "auto" (tests/test_cli_grammar.py checks it)
@@ -85,3 +87,20 @@ def duration_option(flag: str, help: str, panel: Optional[str] = None):
     """typer.Option for a duration: 2s, 500ms or a plain number of seconds (the command parses it
     with pllcli.io.parse_duration)."""
     return valued_option(flag, "DURATION", help, panel)
+
+
+Data = Annotated[DataPath, typer.Option(
+    "--data", help="Load the feature store into memory, stream it from disk (bounded memory), or stream only "
+                   "when it exceeds --max-memory.")]
+MaxMemory = Annotated[Optional[str], typer.Option(
+    "--max-memory", metavar="SIZE", help="Memory budget for feature data: 8G, 512M or 40% of RAM; default 50% "
+                                         "of RAM (per machine: shared by its torchrun processes).")]
+LoaderWorkers = Annotated[Optional[int], typer.Option(
+    "--loader-workers", metavar="N", min=0, help="DataLoader worker processes of the stream path (default 0 on "
+                                                 "CPU, 2 with CUDA).")]
+
+
+def memory_bytes(max_memory: str | None) -> int | None:
+    """--max-memory SIZE -> bytes (None: the default budget)."""
+    from pllcli.training.stream import parse_memory
+    return parse_memory(max_memory)

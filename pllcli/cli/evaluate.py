@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from pllcli.cli._options import BatchSize, Device, JsonOut
-from pllcli.cli.train import Data, MaxMemory
+from pllcli.cli._options import Data, MaxMemory
 from pllcli.training.config import DataPath
 
 _SED = "Sound events (strong truth)"
@@ -68,7 +68,7 @@ def evaluate_cmd(
     intersection F1 and PSDS1 / PSDS2 (sed_scores_eval, pip install 'pllcli\\[sed]')."""
     from pllcli.errors import UsageError
     from pllcli.evaluate import evaluate, make_plots, render
-    from pllcli.cli.train import memory_bytes
+    from pllcli.cli._options import memory_bytes
     from pllcli.io import parse_duration, write_json
     if predictions is not None or frame_scores is not None:
         if len(inputs) != 1:

@@ -8,7 +8,7 @@ import typer
 
 from pllcli.cli._options import (BatchSize, CheckpointPath, Device, JsonOut, RestrictCandidates, duration_option,
                                  file_option, valued_option)
-from pllcli.cli.train import Data, MaxMemory  # (H5 moves these to _options)
+from pllcli.cli._options import Data, MaxMemory
 from pllcli.training.config import DataPath
 
 _EV = "Frame-level outputs"
@@ -68,7 +68,7 @@ def predict_cmd(
     frame-level models)."""
     import sys
 
-    from pllcli.cli.train import memory_bytes
+    from pllcli.cli._options import memory_bytes
     from pllcli.io import write_json
     from pllcli.predict import predict
     if out_old is not None:

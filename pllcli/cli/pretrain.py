@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from pllcli.cli._options import BatchSize, Device, JsonOut, Seed, name_completer
-from pllcli.cli.train import Data, LoaderWorkers, MaxMemory
+from pllcli.cli._options import Data, LoaderWorkers, MaxMemory
 from pllcli.training.config import DataPath, PretrainObjective
 
 
@@ -60,7 +60,8 @@ def pretrain_cmd(
     import dataclasses
 
     from pllcli.cli._state import settings
-    from pllcli.cli.train import augment_options, memory_bytes, model_options
+    from pllcli.cli._options import memory_bytes
+    from pllcli.cli.train import augment_options, model_options
     from pllcli.errors import InputError, UsageError
     from pllcli.io import write_json
     from pllcli.training.config import PretrainConfig, check_range

@@ -8,7 +8,7 @@ import typer
 
 from pllcli.cli._options import (BatchSize, Device, FeatureStorePath, JsonOut, Overwrite, RestrictCandidates,
                                  Shard)
-from pllcli.cli.train import Data, MaxMemory
+from pllcli.cli._options import Data, MaxMemory
 from pllcli.training.config import DataPath
 
 
@@ -43,7 +43,7 @@ def pseudo_label_cmd(
 ):
     """Label FEATURES with an ensemble of teachers; `pllcli train --labels OUTPUT` reads the soft labels."""
     from pllcli.cli._state import settings
-    from pllcli.cli.train import memory_bytes
+    from pllcli.cli._options import memory_bytes
     from pllcli.errors import UsageError
     from pllcli.io import parse_duration, parse_shard, write_json
     from pllcli.pseudo_label import pseudo_label

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pllcli.cli._options import BatchSize, Device, JsonOut, Seed, name_completer
+from pllcli.cli._options import (BatchSize, Data, Device, JsonOut, LoaderWorkers, MaxMemory, Seed, memory_bytes,
+                                 name_completer)
 from pllcli.training.config import DEFAULT_CLEAN_SHARE, DataPath, LRSchedule, Optimizer, Sampler, WhenWhoMode
 
 RUN_FILES = ("best.pt", "last.pt", "averaged.pt", "log.jsonl", "summary.json")
@@ -206,23 +207,6 @@ _Config = Annotated[Optional[Path], typer.Option(
 
 
 # the data-path flags (also used by pretrain): --data, --max-memory, --loader-workers
-Data = Annotated[DataPath, typer.Option(
-    "--data", help="Load the feature store into memory, stream it from disk (bounded memory), or stream only "
-                   "when it exceeds --max-memory.")]
-MaxMemory = Annotated[Optional[str], typer.Option(
-    "--max-memory", metavar="SIZE", help="Memory budget for feature data: 8G, 512M or 40% of RAM; default 50% "
-                                         "of RAM (per machine: shared by its torchrun processes).")]
-LoaderWorkers = Annotated[Optional[int], typer.Option(
-    "--loader-workers", metavar="N", min=0, help="DataLoader worker processes of the stream path (default 0 on "
-                                                 "CPU, 2 with CUDA).")]
-
-
-def memory_bytes(max_memory: str | None) -> int | None:
-    """--max-memory SIZE -> bytes (None: the default budget)."""
-    from pllcli.training.stream import parse_memory
-    return parse_memory(max_memory)
-
-
 # ------------------------------------------------------------------------------ the command
 
 def train_cmd(
