@@ -51,10 +51,11 @@ def _is_hdf5(path: Path) -> bool:
         return False
 
 
-def features_for(path, meta: dict, workdir: Path, jobs: int = 1) -> tuple[Path, dict | None]:
+def features_for(path, meta: dict, workdir: Path, jobs: int = 1, encoder: str | None = None) -> tuple[Path, dict | None]:
     """(feature store, featurize summary or None): `path` itself if it is a feature store, else
     audio (one file, a folder, a manifest or '-') featurized with the checkpoint's feature config
-    into `workdir`."""
+    into `workdir`. `encoder`: the checkpoint's encoder at other paths on this machine (its
+    identity, file sha256s included, must match: `FeatureConfig.with_encoder`)."""
     import csv
 
     from pllcli.audio import AUDIO_EXTENSIONS
@@ -62,6 +63,8 @@ def features_for(path, meta: dict, workdir: Path, jobs: int = 1) -> tuple[Path, 
     from pllcli.features.extract import featurize
     p = Path(path)
     if str(path) != "-" and p.is_file() and _is_hdf5(p):
+        if encoder:
+            raise UsageError(f"--encoder applies to audio inputs; {path} is already a feature store")
         return p, None
     if str(path) != "-" and not p.exists():
         raise InputError("no such feature store or audio", str(path))
@@ -74,7 +77,10 @@ def features_for(path, meta: dict, workdir: Path, jobs: int = 1) -> tuple[Path, 
         with open(src, "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([("id", "path"), (p.stem, str(p.resolve()))])
     store = workdir / "features.h5"
-    summary = featurize(src, store, FeatureConfig.from_dict(meta["feature_config"]), jobs=jobs, progress=False)
+    config = FeatureConfig.from_dict(meta["feature_config"])
+    if encoder:
+        config = config.with_encoder(encoder)
+    summary = featurize(src, store, config, jobs=jobs, progress=False)
     for sk in summary["skipped"]:
         print(f"warning: skipped {sk['path']}: {sk['reason']} ({sk['detail']})", file=sys.stderr)
     if summary["files_done"] == 0:
@@ -135,7 +141,7 @@ def predict(checkpoint, features, out="-", top_k_n: int = 1, restrict_labels=Non
             frame_scores: str | None = None, threshold: float = 0.5, median: int = 1,
             min_duration: float = 0.0, chunk: float | None = None, skip_bad: bool = False,
             overwrite: bool = False, decode: dict | None = None, json_out=None, data: str = "auto",
-            max_memory: int | None = None) -> dict:
+            max_memory: int | None = None, encoder: str | None = None) -> dict:
     """Write top-k labels with probabilities for every item of a feature store (or of audio:
     see `features_for`); for frame-level models optionally also frame scores and thresholded
     events (id, onset, offset, label) as TSV. `chunk` seconds: average the probabilities of
@@ -157,7 +163,7 @@ def predict(checkpoint, features, out="-", top_k_n: int = 1, restrict_labels=Non
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, device=dev)
     with tempfile.TemporaryDirectory(prefix="pllcli-predict-") as tmp:
-        store, feat_summary = features_for(features, meta, Path(tmp))
+        store, feat_summary = features_for(features, meta, Path(tmp), encoder=encoder)
         summary = _predict_store(model, meta, checkpoint, store, features, out, top_k_n, restrict_labels, dev,
                                  batch_size, fmt, events, frame_scores, threshold, median, min_duration, chunk,
                                  skip_bad, decode, data, max_memory)

@@ -474,6 +474,23 @@ def test_encoder_store_train_predict_mismatch_and_export_parity(tmp_path):
     with open(tmp_path / "p.csv") as f:
         got = {(r["id"], r[k]): float(r[p]) for r in csv.DictReader(f)
                for k, p in (("label", "prob"), ("label_2", "prob_2"))}
+    # the encoder file moved (another machine): predict on audio with --encoder at the new path gives
+    # the same probabilities; another file, or --encoder on a feature store, is refused
+    import shutil
+    (tmp_path / "moved").mkdir()
+    shutil.move(str(tmp_path / "a" / "frames.onnx"), tmp_path / "moved" / "frames.onnx")
+    moved = f"onnx:{tmp_path / 'moved' / 'frames.onnx'},min_duration=0.1s"
+    predict(ck, tmp_path / "audio", tmp_path / "moved.csv", device="cpu", top_k_n=2, encoder=moved)
+    with open(tmp_path / "moved.csv") as f:
+        again = {(r["id"], r[k]): float(r[p]) for r in csv.DictReader(f)
+                 for k, p in (("label", "prob"), ("label_2", "prob_2"))}
+    assert again == pytest.approx(got, abs=1e-6)
+    with pytest.raises(ConfigMismatchError, match="encoder differs: .*sha256"):
+        predict(ck, tmp_path / "audio", tmp_path / "other.csv", device="cpu",
+                encoder=f"onnx:{tmp_path / 'b' / 'frames.onnx'},min_duration=0.1s")
+    with pytest.raises(UsageError, match="--encoder applies to audio inputs"):
+        predict(ck, tmp_path / "a.h5", tmp_path / "store.csv", device="cpu", encoder=moved)
+    shutil.copy(tmp_path / "moved" / "frames.onnx", tmp_path / "a" / "frames.onnx")
     export(ck, tmp_path / "m.onnx")
     run = Runner(tmp_path / "m.onnx")
     import soundfile as sf

@@ -27,6 +27,9 @@ def predict_cmd(
     skip_bad: Annotated[bool, typer.Option(
         "--skip-bad", help="Leave out items whose features contain NaN/inf (counted on stderr and in "
                            "--json) instead of failing.")] = False,
+    encoder: Annotated[Optional[str], typer.Option(
+        "--encoder", metavar="SPEC", help="For audio inputs of a checkpoint trained on encoder features: the "
+        "same encoder files at other paths on this machine (their sha256 must match the checkpoint's).")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace an existing output that is not a predictions table.")] = False,
     out_old: Annotated[Optional[str], typer.Option("--out", hidden=True, help="Deprecated: use -o/--output.")] = None,
@@ -84,7 +87,7 @@ def predict_cmd(
                       events=events, frame_scores=frame_scores, threshold=threshold, median=median,
                       min_duration=_seconds_or_zero(min_duration, "--min-duration"), chunk=_chunk_seconds(chunk),
                       skip_bad=skip_bad, overwrite=overwrite, json_out=json_out,
-                      data=data, max_memory=memory_bytes(max_memory),
+                      data=data, max_memory=memory_bytes(max_memory), encoder=encoder,
                       decode=_decode_options(low, min_gap, tune_labels, tune_features, events, segment_classes))
     write_json(summary, json_out)
     _report_written(summary, output, json_out, events, frame_scores)
