@@ -7,12 +7,23 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _torch_threads():
-    try:
-        import torch
-        torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover
-        pass
+    import torch
+    torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_registries():
+    """Objectives or models a test registers are gone after it."""
+    from pllcli.models import registry as models
+    from pllcli.training import objective_base as objectives
+    from pllcli.training.objectives import _load_builtin
+    _load_builtin()  # builtins register on first use: load them before the snapshot
+    saved = dict(objectives._REGISTRY), dict(models._REGISTRY)
+    yield
+    for reg, old in zip((objectives._REGISTRY, models._REGISTRY), saved):
+        reg.clear()
+        reg.update(old)
 
 
 def run_cli(*args, input=None):
@@ -35,3 +46,43 @@ def cli_inproc(capsys):
         cap = capsys.readouterr()
         return code, cap.out, cap.err
     return run
+
+
+def make_tone_run(d, durations, n: int, batch_size: int, noise: float):
+    """In folder `d`: `n` tone clips (300/900/1800 Hz, classes low/mid/high) of the given durations
+    (cycled), their manifest audio.csv, feature store f.h5, label store l.h5 and a tiny convgru
+    trained on them in run/; returns `d`."""
+    import csv
+
+    import numpy as np
+    import soundfile as sf
+
+    from pllcli.features.config import FeatureConfig
+    from pllcli.features.extract import featurize
+    from pllcli.labels.store import LabelData, write_label_store
+    from pllcli.training.trainer import TrainConfig, train
+    sr = 8000
+    (d / "audio").mkdir()
+    rng = np.random.default_rng(0)
+    rows = [("id", "path")]
+    for i in range(n):
+        t = np.arange(int(durations[i % len(durations)] * sr)) / sr
+        x = 0.3 * np.sin(2 * np.pi * (300, 900, 1800)[i % 3] * t) + noise * rng.normal(size=t.size)
+        p = d / "audio" / f"clip{i:02d}.wav"
+        sf.write(p, x.astype(np.float32), sr, subtype="PCM_16")
+        rows.append((f"clip{i:02d}", str(p)))
+    with open(d / "audio.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    featurize(str(d / "audio.csv"), d / "f.h5", FeatureConfig.preset("speech8k", n_mels=16), progress=False)
+    write_label_store(d / "l.h5", LabelData.new([r[0] for r in rows[1:]], ["low", "mid", "high"],
+                                                clean=[i % 3 for i in range(n)]), {})
+    train(TrainConfig(features=str(d / "f.h5"), labels=str(d / "l.h5"), outdir=str(d / "run"), epochs=2,
+                      batch_size=batch_size, model_options={"width": 4, "rnn_hidden": 8, "proj": 16},
+                      device="cpu", valid_fraction=0.0, progress=False, top_k=0, objectives=["ce"]))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tone_run(tmp_path_factory):
+    """make_tone_run(name, durations, n, batch_size, noise) in a fresh module-scoped folder."""
+    return lambda name, *args: make_tone_run(tmp_path_factory.mktemp(name), *args)

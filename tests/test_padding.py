@@ -133,33 +133,9 @@ DURATIONS = [0.13, 0.21, 0.34, 0.47, 0.52, 0.61, 0.73, 0.9, 1.07, 1.31]  # mixed
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tone_run):
     """A tiny store of clips of mixed length (tones), and a tiny convgru trained on it."""
-    import soundfile as sf
-
-    from pllcli.features.config import FeatureConfig
-    from pllcli.features.extract import featurize
-    from pllcli.labels.store import LabelData, write_label_store
-    from pllcli.training.trainer import TrainConfig, train
-    d = tmp_path_factory.mktemp("pad")
-    (d / "audio").mkdir()
-    rng = np.random.default_rng(0)
-    rows = [("id", "path")]
-    for i in range(18):
-        t = np.arange(int(DURATIONS[i % len(DURATIONS)] * SR)) / SR
-        x = 0.3 * np.sin(2 * np.pi * (300, 900, 1800)[i % 3] * t) + 0.05 * rng.normal(size=t.size)
-        p = d / "audio" / f"clip{i:02d}.wav"
-        sf.write(p, x.astype(np.float32), SR, subtype="PCM_16")
-        rows.append((f"clip{i:02d}", str(p)))
-    with open(d / "audio.csv", "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-    featurize(str(d / "audio.csv"), d / "f.h5", FeatureConfig.preset("speech8k", n_mels=16), progress=False)
-    write_label_store(d / "l.h5", LabelData.new([r[0] for r in rows[1:]], ["low", "mid", "high"],
-                                                clean=[i % 3 for i in range(18)]), {})
-    train(TrainConfig(features=str(d / "f.h5"), labels=str(d / "l.h5"), outdir=str(d / "run"), epochs=2,
-                      batch_size=6, model_options={"width": 4, "rnn_hidden": 8, "proj": 16}, device="cpu",
-                      valid_fraction=0.0, progress=False, top_k=0, objectives=["ce"]))
-    return d
+    return tone_run("pad", DURATIONS, 18, 6, 0.05)
 
 
 def _predicted(path):

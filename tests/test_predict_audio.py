@@ -8,34 +8,8 @@ from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    import soundfile as sf
-
-    from pllcli.features.config import FeatureConfig
-    from pllcli.features.extract import featurize
-    from pllcli.labels.store import LabelData, write_label_store
-    from pllcli.training.trainer import TrainConfig, train
-    d = tmp_path_factory.mktemp("pa")
-    (d / "audio").mkdir()
-    rng = np.random.default_rng(0)
-    sr = 8000
-    t = np.arange(int(0.5 * sr)) / sr
-    rows = [("id", "path")]
-    for i in range(12):
-        f0 = (300, 900, 1800)[i % 3]
-        x = 0.3 * np.sin(2 * np.pi * f0 * t) + 0.01 * rng.normal(size=t.size)
-        p = d / "audio" / f"clip{i:02d}.wav"
-        sf.write(p, x.astype(np.float32), sr, subtype="PCM_16")
-        rows.append((f"clip{i:02d}", str(p)))
-    with open(d / "audio.csv", "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-    featurize(str(d / "audio.csv"), d / "f.h5", FeatureConfig.preset("speech8k", n_mels=16), progress=False)
-    write_label_store(d / "l.h5", LabelData.new([r[0] for r in rows[1:]], ["low", "mid", "high"],
-                                                clean=[i % 3 for i in range(12)]), {})
-    train(TrainConfig(features=str(d / "f.h5"), labels=str(d / "l.h5"), outdir=str(d / "run"), epochs=2,
-                      batch_size=4, model_options={"width": 4, "rnn_hidden": 8, "proj": 16}, device="cpu",
-                      valid_fraction=0.0, progress=False, top_k=0, objectives=["ce"]))
-    return d
+def trained(tone_run):
+    return tone_run("pa", [0.5], 12, 4, 0.01)
 
 
 def _probs(path):

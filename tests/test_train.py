@@ -315,3 +315,9 @@ def test_progress_on_a_terminal_is_a_live_bar(monkeypatch):
     p.bar.refresh()
     assert "10/20" in sys.stderr.getvalue()
     p.close()
+
+
+def test_registered_test_objectives_do_not_outlive_their_test():
+    """conftest restores the objective registry: the objectives the NaN/stop tests register are gone."""
+    from pllcli.training.objective_base import _REGISTRY
+    assert "test-nan" not in _REGISTRY and "test-stop" not in _REGISTRY and "ce" in _REGISTRY
