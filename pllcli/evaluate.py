@@ -207,8 +207,8 @@ def score_checkpoint(checkpoint, features, *, batch_size: int = 32, device: str 
     durations = np.asarray(fs.durations, dtype=np.float64)
     bad = nonfinite_rows(fs)  # block by block: bounded memory
     if len(bad):
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise InputError(f"features of item {ids[bad[0]]!r} contain NaN/inf{more}", str(features))
+        from pllcli.training.data import nonfinite_error
+        raise nonfinite_error(ids, bad, features)
     mem = open_features(fs, data, max_memory, dev)
     probs, res, _ = score_clips(model, meta, mem, fs.config, dev, batch_size, chunk, frames="optional")
     probs = probs.astype(np.float64)

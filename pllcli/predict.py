@@ -119,14 +119,6 @@ def check_predict_outputs(out, features, restrict_labels=None, overwrite: bool =
             check_report_output(p, command="predict", overwrite=overwrite, inputs=inputs)
 
 
-def nonfinite_items(feats: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Items (sorted indices) whose frames (sum T, F) hold a NaN or inf; `offsets` (N+1,)."""
-    bad_frames = ~np.isfinite(feats).all(1)
-    if not bad_frames.any():
-        return np.zeros(0, np.int64)
-    return np.unique(np.searchsorted(offsets, np.flatnonzero(bad_frames), side="right") - 1)
-
-
 def _drop_items(feats, offsets, bad):
     """(feats, offsets, keep mask (N,)) without the items `bad`."""
     keep = np.ones(len(offsets) - 1, bool)
@@ -222,9 +214,8 @@ def _predict_store(model, meta, checkpoint, store, features, out, top_k_n, restr
 
 
 def _raise_nonfinite(ids, bad, name):
-    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-    raise InputError(f"features of item {str(ids[bad[0]])!r} contain NaN/inf{more}; "
-                     "--skip-bad leaves such items out", str(name))
+    from pllcli.training.data import nonfinite_error
+    raise nonfinite_error(ids, bad, name, "; --skip-bad leaves such items out")
 
 
 def _read_features(fs, name, dev, skip_bad, decode, data="auto", max_memory=None):
@@ -257,6 +248,8 @@ def _without_bad_items(fs, feats, offsets, name, skip_bad):
     naming `name`, or with `skip_bad` dropped (a warning on stderr) from a view of `fs` that has
     the `ids`, `durations` and `config` of the items kept."""
     from types import SimpleNamespace
+
+    from pllcli.training.data import nonfinite_items
     bad = nonfinite_items(feats, offsets)
     if not len(bad):
         return fs, feats, offsets, []

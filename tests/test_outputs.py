@@ -192,7 +192,7 @@ def test_predict_skip_bad_leaves_out_and_reports_the_items(art, tmp_path):
 
 
 def test_nonfinite_items():
-    from pllcli.predict import nonfinite_items
+    from pllcli.training.data import nonfinite_items
     feats = np.zeros((10, 2), np.float32)
     offsets = np.array([0, 3, 3, 7, 10])
     assert nonfinite_items(feats, offsets).tolist() == []

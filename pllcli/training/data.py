@@ -11,6 +11,8 @@ import time
 import numpy as np
 import torch
 
+from pllcli.errors import InputError
+
 
 class InMemoryFeatures:
     """features (sumT, F) tensor (on `device` if it fits, else CPU, pinned for CUDA), offsets (N+1,)."""
@@ -257,3 +259,17 @@ def crop_batch(feats: np.ndarray, offsets: np.ndarray, rows: np.ndarray, crop: i
     """Crops of at most `crop` frames of items of (sumT, F) `feats`: random (centred with
     random=False), zero padded; see `InMemoryFeatures.gather`."""
     return InMemoryFeatures(feats, offsets).gather(rows, crop, rng if random else None, None, min_frac)
+
+
+def nonfinite_items(feats: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Items (sorted indices) whose frames (sum T, F) hold a NaN or inf; `offsets` (N+1,)."""
+    bad_frames = ~np.isfinite(feats).all(1)
+    if not bad_frames.any():
+        return np.zeros(0, np.int64)
+    return np.unique(np.searchsorted(offsets, np.flatnonzero(bad_frames), side="right") - 1)
+
+
+def nonfinite_error(ids, bad, where, hint: str = "") -> InputError:
+    """The one message for items `bad` (sorted indices into `ids`) with NaN/inf features."""
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return InputError(f"features of item {str(ids[bad[0]])!r} contain NaN/inf{more}{hint}", str(where))

@@ -56,7 +56,7 @@ from torch.utils.data import IterableDataset
 
 from pllcli.errors import InputError, TrainingError, UsageError
 from pllcli.features.store import FEATURE_CHUNK_ROWS
-from pllcli.training.data import InMemoryFeatures
+from pllcli.training.data import InMemoryFeatures, nonfinite_error
 
 log = logging.getLogger(__name__)
 
@@ -783,7 +783,7 @@ def feature_stats(store, rows=None, block_frames: int = 64 * FEATURE_CHUNK_ROWS)
         x = x.astype(np.float64)
         bad = _bad_rows(blk, x, nf)
         if len(bad):
-            raise InputError(f"features of item {str(store.ids[bad[0]])!r} contain NaN/inf", store.path)
+            raise nonfinite_error(store.ids, bad, store.path)
         k, mk = len(x), x.mean(0)
         d = mk - mean
         mean = mean + d * k / (n + k)

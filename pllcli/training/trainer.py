@@ -153,10 +153,11 @@ class _Inputs:
             self.mem = InMemoryFeatures(feats, offsets, device)
             del feats
         else:  # NaN/inf: the input statistics (_build_model) read every training frame and name it
+            from pllcli.training.data import nonfinite_error
             from pllcli.training.stream import StoreFeatures, nonfinite_rows
             self.mem = StoreFeatures(fs)
             if cfg.init and len(bad := nonfinite_rows(fs, rows)):
-                raise InputError(f"features of item {fs.ids[bad[0]]!r} contain NaN/inf", cfg.features)
+                raise nonfinite_error(fs.ids, bad, cfg.features)
         self.rows, self.valid = _validation(cfg, self, rows, device)
         if len(self.rows) == 0:
             kinds = sorted({k for o in self.objectives for k in o.items})
@@ -166,10 +167,10 @@ class _Inputs:
 
 
 def _check_finite(feats, offsets, item_ids, where) -> None:
-    if not np.isfinite(feats).all():
-        bad = np.flatnonzero(~np.isfinite(feats).all(1))[0]
-        item = int(np.searchsorted(offsets, bad, side="right") - 1)
-        raise InputError(f"features of item {item_ids[item]!r} contain NaN/inf", where)
+    from pllcli.training.data import nonfinite_error, nonfinite_items
+    bad = nonfinite_items(feats, offsets)
+    if len(bad):
+        raise nonfinite_error(item_ids, bad, where)
 
 
 def _validation(cfg: TrainConfig, inp: _Inputs, rows, device):
