@@ -340,8 +340,28 @@ def test_groups_fill_their_share_of_every_batch_rest_once(fs, world, workers):
     assert len(set(counts)) == 1
     assert sorted(rest) == sorted(set(range(len(fs))) - set(clean.tolist())) and set(rest.values()) == {1}
     assert set(uses) == set(clean.tolist()) and max(uses.values()) - min(uses.values()) <= 1  # cycled evenly
-    with pytest.raises(UsageError, match="need items outside the batch groups"):
-        _ds(fs, groups=[(np.arange(len(fs)), 0.5)])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_groups_that_fill_the_store_share_the_whole_batch_like_the_memory_path(fs, workers):
+    from pllcli.training.data import epoch_batches
+    every = np.arange(len(fs))                                   # a fully labelled store, --clean-share 0.25
+    ds = _ds(fs, groups=[(every, 0.25)])
+    batches = list(StreamLoader(ds, num_workers=workers).epoch(0))
+    idx = np.concatenate([b["index"].numpy() for b in batches])
+    mem = epoch_batches(every, np.diff(fs.offsets), 16, 0, 0, groups=[(every, 0.25)])
+    assert sorted(idx.tolist()) == list(range(len(fs)))        # one pass, each item once, as in memory
+    assert len(batches) == len(mem) == len(ds)
+    assert sum(len(b["index"]) < 16 for b in batches) <= max(1, workers)  # a short last batch per worker
+    clean, unl = np.arange(0, 100), np.arange(100, len(fs))      # two groups, nothing else: 1:3 of every batch
+    ds = _ds(fs, groups=[(clean, 0.1), (unl, 0.3)])
+    batches = list(StreamLoader(ds, num_workers=workers).epoch(0))
+    for b in batches:
+        i = b["index"].numpy()
+        assert np.isin(i, clean).sum() == 4 and np.isin(i, unl).sum() == len(i) - 4
+    assert sorted(np.concatenate([b["index"].numpy() for b in batches]).tolist()).count(150) == 1
+    with pytest.raises(UsageError, match="--batch-size 2 is too small for 3 batch groups"):
+        _ds(fs, batch_size=2, groups=[(np.arange(100), .2), (np.arange(100, 200), .2), (np.arange(200, 300), .2)])
 
 
 def _two_views(mem, rows, epoch, number):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_train import make_features, make_labels, run_inproc
+from tests.test_train import CLASSES, make_features, make_labels, run_inproc
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MOPT = {"width": 4, "rnn_hidden": 16, "proj": 16}
@@ -167,6 +167,22 @@ def test_stream_refuses_what_it_cannot_do_and_auto_falls_back(data, tmp_path, ca
     assert path == "memory" and why == ("data path: memory (--data auto: --sampler balanced need(s) the store "
                                         "in memory)")
     assert data_path(_cfg(d, tmp_path, max_memory=1000), FeatureStore(d / "f.h5"), {})[0] == "stream"
+
+
+def test_a_fully_labelled_store_streams_with_the_default_clean_share(data, tmp_path):
+    """Every item clean (the whole store is the --clean-share group): stream trains one pass per
+    epoch as memory does, where it used to refuse."""
+    from pllcli.labels.store import LabelData, write_label_store
+    from pllcli.training.trainer import train
+    d, y = data
+    write_label_store(tmp_path / "all.h5", LabelData.new([f"u{i:04d}" for i in range(len(y))], CLASSES,
+                                                          clean=[int(t) for t in y]), {"test": True})
+    got = {}
+    for mode in ("memory", "stream"):
+        s = train(_cfg(d, tmp_path / mode, labels=str(tmp_path / "all.h5"), data=mode, objectives=["ce"]))
+        got[mode] = (s["data"]["path"], s["train_items"], [h["step"] for h in _log(tmp_path / mode)])
+    assert got["stream"][0] == "stream" and got["memory"][0] == "memory"
+    assert got["stream"][1:] == got["memory"][1:]  # same items, same steps per epoch
 
 
 def test_float16_store_streams_float16_until_the_batch(tmp_path):

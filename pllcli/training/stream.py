@@ -337,10 +337,8 @@ class StreamDataset(IterableDataset):
         self.n_main = self.batch_size - sum(self.group_k)
         taken = np.concatenate([g for g, _ in groups]) if groups else np.zeros(0, np.int64)
         self.main_rows = np.setdiff1d(self.rows, taken)
-        if self.n_main < 1 or not len(self.main_rows):
-            raise UsageError(f"{self.path}: streamed batches need items outside the batch groups (--clean-share, "
-                             f"--unlabeled-share leave {self.n_main} of {self.batch_size} places and "
-                             f"{len(self.main_rows)} other items); use --data memory")
+        if groups and (self.n_main < 1 or not len(self.main_rows)):
+            groups = self._groups_fill_the_batch(groups)
         self.blocks = make_blocks(self.offsets, self.main_rows, self.block_frames)
         self.group_blocks = [make_blocks(self.offsets, g, self.block_frames) for g, _ in groups]
         need = [min_buffer_frames(self.num_frames, gb, k) for gb, k in zip(self.group_blocks, self.group_k)]
@@ -351,6 +349,21 @@ class StreamDataset(IterableDataset):
                              f"batch needs ({main_need + sum(gcaps)} frames: a block plus the {self.batch_size} "
                              f"longest items); raise --max-memory or lower --batch-size")
         self.caps = [self.buffer_frames - sum(gcaps)] + gcaps
+
+    def _groups_fill_the_batch(self, groups: list) -> list:
+        """No items outside the groups (a fully labelled store and --clean-share, say): as in
+        `epoch_batches`, the groups share the whole batch in proportion to their shares. The
+        largest group becomes the stream an epoch passes over once; the others cycle beside it."""
+        tot = sum(sh for _, sh in groups)
+        main = max(range(len(groups)), key=lambda i: len(groups[i][0]))
+        self.main_rows = groups[main][0]
+        rest = [(g, sh / tot) for i, (g, sh) in enumerate(groups) if i != main]
+        self.group_k = [max(1, int(round(sh * self.batch_size))) for _, sh in rest]
+        self.n_main = self.batch_size - sum(self.group_k)
+        if self.n_main < 1:
+            raise UsageError(f"{self.path}: --batch-size {self.batch_size} is too small for "
+                             f"{len(groups)} batch groups; raise --batch-size")
+        return rest
 
     def _sequence(self, blocks: list, key: list) -> tuple[np.ndarray, np.ndarray]:
         """The rows of `blocks` end to end in a shuffled block order, and where each block starts."""
