@@ -1,7 +1,10 @@
 """chat-fsdd benchmark for `pllcli train`: raw audio -> features -> candidate sets -> model -> scores.
 
     flock /tmp/pllcli-bench.lock python examples/bench_chat.py /work/data/chat /work/runs/train/bench \
-        --json /work/runs/train/bench/bench.json [--only a,b,c,d] [--quick] [--epochs N]
+        --json /work/runs/train/bench/bench.json [--only a,b,c,d] [--quick] [--epochs N] [--seed N] \
+        [--threads N] [--featurize-opt=--encoder --featurize-opt=onnx:DIR/speech_embedding,min_duration=1.5s]
+
+With --seed N the run folders are run_KEY_sN (JSON keys KEY_sN), so seeds of one store sit side by side.
 
 Labels: `build-candidates --next 10 --weights delay-prior --vocab VOCAB` with the closed
 100-class vocabulary "zero zero" .. "nine nine" (the task's known label space, generated from
@@ -21,7 +24,9 @@ Scores: test accuracy (test.csv); disambiguation accuracy on typed training item
 model restricted to the item's candidate set vs truth.csv), split into items whose truth is in
 the set and items whose truth is missing (late typing; for those: the unrestricted argmax, i.e.
 whether the model still recognises the message); train wall time, epoch time, data-wait share.
-Table + JSON, written after every run. Default runs: FULL (~40 min on 2 quiet cores);
+Each run's best.pt, last.pt and averaged.pt are scored (and which of them model.pt is, when the run
+writes one); the top-level figures of a run are averaged.pt's. Table + JSON, written after every
+run. Default runs: FULL (~40 min on 2 quiet cores);
 `--quick`: 8 epochs, runs a,b,c_steps,d; `--only LIST` picks runs.
 """
 from __future__ import annotations
@@ -76,9 +81,13 @@ def runs_table():
 FULL = "a,b,b_eps01,c_steps,d,cc,proden,lws,pico,cr"
 
 
+CKPTS = ("best", "last", "averaged")
+
+
 def cli(*args):
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "pllcli", "-q", *map(str, args)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "pllcli", "-q", *map(str, args)], capture_output=True, text=True,
+                       env=os.environ)
     if r.returncode != 0:
         sys.exit(f"pllcli {' '.join(map(str, args[:2]))} failed: {r.stderr.strip()[-800:]}")
     return r, time.perf_counter() - t
@@ -116,6 +125,17 @@ def score(ckpt, train_h5, test_h5, lab, lrows, y_train, y_test, typed, in_set):
     }
 
 
+def _log(rd: Path) -> list[dict]:
+    p = rd / "log.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
+
+def _model_pt_source(rd: Path) -> str | None:
+    """Which run file the run's model.pt was deployed from (its meta; None without model.pt)."""
+    from pllcli.checkpoint import load_checkpoint
+    return load_checkpoint(rd / "model.pt")[1].get("deployed_from", "?") if (rd / "model.pt").exists() else None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", type=Path)
@@ -126,8 +146,18 @@ def main():
     ap.add_argument("--quick", action="store_true", help="8 epochs, runs a,b,c_steps,d")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--train-opt", action="append", default=[], help="extra `pllcli train` argument (repeatable)")
+    ap.add_argument("--featurize-opt", action="append", default=[],
+                    help="extra `pllcli featurize` argument for both stores (repeatable), e.g. "
+                         "--featurize-opt=--encoder --featurize-opt=onnx:DIR,min_duration=1.5s")
+    ap.add_argument("--seed", type=int, default=None, help="train --seed N; run folders run_KEY_sN")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of train and scoring (train --threads N, OMP_NUM_THREADS=N)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        import torch
+        torch.set_num_threads(args.threads)
     table = runs_table()
     only = (args.only or ("a,b,c_steps,d" if args.quick else FULL)).split(",")
     bad = [k for k in only if k not in table]
@@ -138,17 +168,25 @@ def main():
     out, data = args.out, args.data
     out.mkdir(parents=True, exist_ok=True)
     res = {"data": str(data), "epochs": epochs, "cpu_count": os.cpu_count(), "train_opts": args.train_opt,
+           "featurize_opts": args.featurize_opt, "seed": args.seed, "threads": args.threads,
            "stages": {}, "runs": {}}
+    if os.path.exists(out / "bench_args.json"):  # the stores in `out` must come from the same featurize options
+        old = json.loads((out / "bench_args.json").read_text())
+        if old.get("featurize_opts") != args.featurize_opt:
+            sys.exit(f"{out}: its stores were made with --featurize-opt {old.get('featurize_opts')}; use another OUT")
+    train_extra = [*(["--seed", args.seed] if args.seed is not None else []),
+                   *(["--threads", args.threads] if args.threads is not None else [])]
 
     def save():
         if args.json:
             args.json.write_text(json.dumps(res, indent=2) + "\n")
 
     t0 = time.perf_counter()
-    if not (out / "train.h5").exists():
-        _, res["stages"]["featurize_train_s"] = cli("featurize", data / "voice.csv", "-o", out / "train.h5", "-j", args.jobs)
-    if not (out / "test.h5").exists():
-        _, res["stages"]["featurize_test_s"] = cli("featurize", data / "test.csv", "-o", out / "test.h5", "-j", args.jobs)
+    for split, manifest in (("train", "voice.csv"), ("test", "test.csv")):
+        if not (out / f"{split}.h5").exists():
+            _, res["stages"][f"featurize_{split}_s"] = cli("featurize", data / manifest, "-o", out / f"{split}.h5",
+                                                           "-j", args.jobs, *args.featurize_opt)
+    (out / "bench_args.json").write_text(json.dumps({"featurize_opts": args.featurize_opt}) + "\n")
     (out / "vocab.txt").write_text("".join(f"{a} {b}\n" for a in DIGITS for b in DIGITS))
     build = ["build-candidates", "-o", out / "labels.h5", "--voice", data / "voice.csv", "--chat", data / "chat.csv",
              "--next", "10", "--clean", data / "clean.csv", "--weights", "delay-prior", "--vocab",
@@ -185,7 +223,8 @@ def main():
 
     for key in only:
         desc, labels, extra = table[key]
-        rd = out / f"run_{key}"
+        name = key if args.seed is None else f"{key}_s{args.seed}"
+        rd = out / f"run_{name}"
         shutil.rmtree(rd, ignore_errors=True)
         t = time.perf_counter()
         ep = epochs
@@ -194,41 +233,58 @@ def main():
             steps_b = int(np.ceil(typed.sum() / (64 - round(0.25 * 64))))
             ep = epochs * max(1, int(round(steps_b / np.ceil(n_clean / 64))))
         _, train_s = cli("train", out / "train.h5", "--labels", out / labels, "-o", rd, "--epochs", ep,
-                         "--device", "cpu", *extra, *args.train_opt)
+                         "--device", "cpu", *train_extra, *extra, *args.train_opt)
         summ = json.loads((rd / "summary.json").read_text())
-        test_acc, dis = score(rd / "averaged.pt", out / "train.h5", out / "test.h5", lab, lrows, y_train, y_test,
-                              typed, in_set)
+        scored = {}
+        for c in CKPTS:
+            if (rd / f"{c}.pt").exists():
+                acc, dis = score(rd / f"{c}.pt", out / "train.h5", out / "test.h5", lab, lrows, y_train, y_test,
+                                 typed, in_set)
+                scored[c] = {"test_accuracy": acc, **dis}
+        main_ck = scored.get("averaged") or scored.get("best") or scored["last"]
         eval_s = time.perf_counter() - t
-        res["runs"][key] = {
-            "desc": desc, "args": [str(a) for a in extra], "epochs": ep, "test_accuracy": test_acc, **dis,
+        res["runs"][name] = {
+            "key": key, "desc": desc, "args": [str(a) for a in extra], "seed": args.seed, "epochs": ep, **main_ck,
+            "checkpoints": scored, "model_pt": _model_pt_source(rd),
             "train_s": round(train_s, 1), "train_and_eval_s": round(eval_s, 1),
             "epoch_time_s": summ["epoch_time_s"], "data_wait_share": summ["data_wait_share"],
             "best_val": summ["best"], "averaged_val": summ["averaged"],
+            "val_curve": [h.get("monitor_value") for h in _log(rd)],
         }
         if key == "b":
             res["audio_to_evaluated_model_s"] = round(
                 sum(res["stages"].values()) + eval_s, 1) if "featurize_train_s" in res["stages"] else None
             res["labels_to_evaluated_model_s"] = round(prep_s + eval_s, 1)
-        print(f"{key:7s} {desc:28s} test {test_acc:.3f}  disamb {dis['disambiguation_accuracy']:.3f}  "
+        accs = "/".join(f"{scored[c]['test_accuracy']:.3f}" if c in scored else "-" for c in CKPTS)
+        print(f"{name:9s} {desc:28s} test best/last/avg {accs}  disamb {main_ck['disambiguation_accuracy']:.3f}  "
               f"train {train_s:6.1f}s  epoch {summ['epoch_time_s']:.1f}s  wait {100 * summ['data_wait_share']:.2f}%",
               flush=True)
         save()
 
     r = res["runs"]
+    sfx = "" if args.seed is None else f"_s{args.seed}"
+    ra, rb, rc = (r.get(k + sfx) for k in "abc")
     tg = {}
-    if "a" in r and "b" in r:
-        tg["b_over_a"] = r["b"]["test_accuracy"] / max(1e-9, r["a"]["test_accuracy"])
-    if "b" in r and "c" in r:
-        tg["b_minus_c_points"] = 100 * (r["b"]["test_accuracy"] - r["c"]["test_accuracy"])
+    if ra and rb:
+        tg["b_over_a"] = rb["test_accuracy"] / max(1e-9, ra["test_accuracy"])
+        tg["b_over_a_by_checkpoint"] = {
+            c: rb["checkpoints"][c]["test_accuracy"] / max(1e-9, ra["checkpoints"][c]["test_accuracy"])
+            for c in CKPTS if c in rb["checkpoints"] and c in ra["checkpoints"]}
+    if rb and rc:
+        tg["b_minus_c_points"] = 100 * (rb["test_accuracy"] - rc["test_accuracy"])
     res["targets"] = tg
     save()
     print(f"\nepochs {epochs}; labels {json.dumps(res['labels'])}")
-    print("| run | what | test acc | disamb. acc | truth in set | truth missing (free) | train s | epoch s | data wait |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| run | what | test acc best | last | averaged | disamb. best | last | averaged | truth in set (avg) | "
+          "truth missing, free (avg) | model.pt | train s | epoch s | data wait |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k, v in r.items():
         miss = v["unrestricted_truth_missing"]
-        print(f"| {k} | {v['desc']} | {v['test_accuracy']:.3f} | {v['disambiguation_accuracy']:.3f} | "
-              f"{v['disamb_truth_in_set']:.3f} | {'-' if miss is None else f'{miss:.3f}'} | {v['train_s']} | "
+        ck = v["checkpoints"]
+        acc = " | ".join(f"{ck[c]['test_accuracy']:.3f}" if c in ck else "-" for c in CKPTS)
+        dis = " | ".join(f"{ck[c]['disambiguation_accuracy']:.3f}" if c in ck else "-" for c in CKPTS)
+        print(f"| {k} | {v['desc']} | {acc} | {dis} | {v['disamb_truth_in_set']:.3f} | "
+              f"{'-' if miss is None else f'{miss:.3f}'} | {v['model_pt'] or '-'} | {v['train_s']} | "
               f"{v['epoch_time_s']:.1f} | {100 * v['data_wait_share']:.2f}% |")
     print(json.dumps({"stages": res["stages"], "targets": tg,
                       "audio_to_evaluated_model_s": res.get("audio_to_evaluated_model_s")}, indent=1))

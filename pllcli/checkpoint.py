@@ -168,5 +168,5 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "classes": classes[:20] + (["..."] if len(classes) > 20 else []), "task": meta.get("task"),
         "feature_config_hash": meta.get("feature_config_hash"), "epoch": meta.get("epoch"),
         "metrics": meta.get("metrics", {}), "averaged_from": meta.get("averaged_from"),
-        "pllcli_version": meta.get("pllcli_version"),
+        "deployed_from": meta.get("deployed_from"), "pllcli_version": meta.get("pllcli_version"),
     }

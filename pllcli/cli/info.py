@@ -1,4 +1,4 @@
-"""`pllcli info PATH`: describe a feature store, label store or checkpoint."""
+"""`pllcli info PATH`: describe a feature store, label store, checkpoint or training run folder."""
 from __future__ import annotations
 
 from typing import Annotated, Optional
@@ -30,6 +30,21 @@ def describe_feature_store(path: str) -> dict:
         }
 
 
+def describe_run(path) -> dict:
+    """A `pllcli train` output folder: its run files and which checkpoint model.pt is."""
+    import json
+
+    from pllcli.checkpoint import load_checkpoint
+    from pllcli.cli.train import RUN_FILES
+    d: dict = {"path": str(path), "files": [n for n in RUN_FILES if (path / n).exists()]}
+    if (path / "model.pt").exists():
+        d["model.pt"] = {"deployed_from": load_checkpoint(path / "model.pt")[1].get("deployed_from")}
+    if (path / "summary.json").exists():
+        s = json.loads((path / "summary.json").read_text())
+        d["summary"] = {k: s[k] for k in ("epochs_run", "best", "averaged") if k in s}
+    return d
+
+
 def _describe(path: str) -> tuple[str, dict]:
     from pathlib import Path
 
@@ -38,7 +53,9 @@ def _describe(path: str) -> tuple[str, dict]:
     if not p.exists():
         raise InputError("no such file", path)
     if p.is_dir():
-        raise InputError("is a directory", path)
+        if (p / "last.pt").exists() or (p / "model.pt").exists():
+            return "training run", describe_run(p)
+        raise InputError("is a directory (not a training run: no last.pt or model.pt)", path)
     import h5py
     if h5py.is_hdf5(str(p)):
         from pllcli.features.store import FORMAT, LABEL_FORMAT, read_format
@@ -74,12 +91,14 @@ def _flat(d: dict, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def info_cmd(
-    path: Annotated[str, typer.Argument(metavar="PATH", help="Feature store, label store (.h5) or checkpoint (.pt).")],
+    path: Annotated[str, typer.Argument(
+        metavar="PATH", help="Feature store, label store (.h5), checkpoint (.pt) or training run folder.")],
     json_out: Annotated[Optional[str], typer.Option("--json", metavar="FILE", help=(
         "Write the description as JSON to FILE; '-' prints it on stdout instead of the table "
         "(the old bare --json flag is now --json -)."))] = None,
 ):
-    """Describe a store or checkpoint: counts, durations, feature config, frame-length statistics."""
+    """Describe a store, checkpoint or run folder: counts, durations, feature config, frame-length statistics,
+    a run's files and which checkpoint its model.pt is."""
     from pllcli.io import write_json
     kind, d = _describe(path)
     if json_out is not None:

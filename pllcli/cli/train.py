@@ -10,7 +10,7 @@ from pllcli.cli._options import (BatchSize, Data, Device, JsonOut, LoaderWorkers
                                  name_completer)
 from pllcli.training.config import DEFAULT_CLEAN_SHARE, DataPath, LRSchedule, Optimizer, Sampler, WhenWhoMode
 
-RUN_FILES = ("best.pt", "last.pt", "averaged.pt", "log.jsonl", "summary.json")
+RUN_FILES = ("model.pt", "best.pt", "last.pt", "averaged.pt", "log.jsonl", "summary.json")
 _MODEL_ARGS = ("n_mels", "num_classes")  # passed by the trainer, not settable with --model-opt
 
 
@@ -140,8 +140,9 @@ def report_written(outdir: Path, to_stderr: bool = False) -> None:
 
 _Output = Annotated[Optional[Path], typer.Option(
     "-o", "--output", metavar="DIR",
-    help="Output folder: best.pt, last.pt, averaged.pt, log.jsonl, summary.json (required unless "
-         "--resume names the run).")]
+    help="Output folder: model.pt (the checkpoint to deploy: a copy of averaged.pt, or of best.pt with "
+         "--top-k 0), best.pt, last.pt, averaged.pt, log.jsonl, summary.json (required unless --resume names "
+         "the run).")]
 _ModelOpt = Annotated[Optional[list[str]], typer.Option(
     "--model-opt", metavar="KEY=VALUE",
     help="Model option (repeatable, or comma-separated), e.g. width=16; keys: --list-models.")]
@@ -261,7 +262,9 @@ def train_cmd(
 ):
     """Train a classifier from candidate sets, clean labels and unlabeled items.
 
-    Writes DIR/best.pt, last.pt, averaged.pt, log.jsonl and summary.json and prints their paths.
+    Writes DIR/model.pt (the checkpoint to deploy: averaged.pt, the top-k average, or best.pt with
+    --top-k 0), best.pt, last.pt (with the resume state), averaged.pt, log.jsonl and summary.json
+    and prints their paths.
     Works unchanged under `torchrun --nproc_per_node N` (data parallel, rank 0 writes).
     """
     from pllcli.cli._state import settings

@@ -1,5 +1,9 @@
 """Checkpoints of a run: last (with the resume state), best, top-k and their average; early stopping.
 
+`model.pt` is the checkpoint to deploy: at the end of a run, the first of `DEPLOY_ORDER` that the
+run wrote (averaged.pt, else best.pt, else last.pt), saved again weights-only (no resume state)
+with meta "deployed_from" naming it.
+
 `RunState` is the JSON-able bookkeeping of a run (epoch, step, best monitored value, epochs
 without improvement, the log history, the top-k list); the engine stores it in `last.pt` next to
 the optimiser, scheduler, scaler, EMA and task state, so `--resume` continues exactly.
@@ -14,6 +18,11 @@ from pathlib import Path
 from pllcli.errors import CheckpointError, ConfigMismatchError
 
 log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+# which run file model.pt is: the top-k average scored highest on held-out takes and on unseen
+# speakers (examples/bench_chat.py); best.pt when there is no average (--top-k 0)
+DEPLOY_ORDER = ("averaged.pt", "best.pt", "last.pt")
 
 
 @dataclass
@@ -85,6 +94,18 @@ class Checkpoints:
         from pllcli.checkpoint import save_checkpoint
         meta = {**self.meta, "epoch": state.epoch, "interrupted": where}
         save_checkpoint(self.last, model, meta, extra={"trainer": {**trainer_state, "state": state.to_json()}})
+
+    def save_model(self) -> Path | None:
+        """Write model.pt beside last.pt from the first file of DEPLOY_ORDER that exists; its path (None without)."""
+        from pllcli.checkpoint import load_checkpoint, save_checkpoint
+        folder = self.last.parent
+        src = next((folder / n for n in DEPLOY_ORDER if (folder / n).exists()), None)
+        if src is None:
+            return None
+        state, meta = load_checkpoint(src)
+        out = folder / MODEL_FILE
+        save_checkpoint(out, state, {**meta, "deployed_from": src.name})
+        return out
 
     def last_good(self) -> str:
         return str(self.last) if self.last.exists() else "none"

@@ -9,6 +9,7 @@ stopping, progress and `log.jsonl`.
                     log_path=out / "log.jsonl")
     state = engine.fit()            # a RunState: history, best value, top-k list
     engine.save_average(out / "averaged.pt", meta)   # the top-k average, validated (None without top-k)
+                                                     # then model.pt, the file to deploy (Checkpoints.save_model)
 
 Per epoch, each `Phase` of the task (one optimiser over some parameters, e.g. WHEN then WHO)
 runs its batches: `task.batch(phase, key, epoch)` (in a prefetch thread) -> `task.loss(phase,
@@ -373,15 +374,18 @@ class Engine:
         return m.to(self.device)
 
     def save_average(self, path: str | Path, meta: dict) -> dict | None:
-        """Write the top-k average to `path` (with its validation figures in meta["metrics"]);
-        returns those figures, or None without top-k checkpoints."""
+        """Write the top-k average to `path` (with its validation figures in meta["metrics"]), then
+        the run's model.pt (`Checkpoints.save_model`); returns those figures, or None without top-k
+        checkpoints."""
         from pllcli.checkpoint import save_checkpoint
         m = self.average_topk()
-        if m is None:
-            return None
-        metrics = self.task.validate(m)
-        save_checkpoint(path, m, {**meta, "epoch": self.state.epoch, "metrics": metrics,
-                                  "averaged_from": [r["epoch"] for r in self.state.topk]})
+        metrics = None
+        if m is not None:
+            metrics = self.task.validate(m)
+            save_checkpoint(path, m, {**meta, "epoch": self.state.epoch, "metrics": metrics,
+                                      "averaged_from": [r["epoch"] for r in self.state.topk]})
+        if self.ckpt is not None and self.dist.main:
+            self.ckpt.save_model()
         return metrics
 
 
