@@ -12,6 +12,14 @@ vocal-tract-length perturbation) and time warping.
     flock /tmp/pllcli-bench.lock python examples/bench_ssl.py /work/shared/data/fsdd/recordings \
         --work /work/runs/ssl2 --json /work/runs/ssl2/bench_ssl.json
 
+    # issue 15: the same rows on a pretrained encoder's frames (speech_embedding, 96-dim at 12.5 Hz;
+    # `pllcli featurize --encoder SPEC`), a light model without the x4 time stride, no pretraining
+    python examples/bench_ssl.py /work/shared/data/fsdd/recordings --work /work/runs/ssl_enc \
+        --encoder onnx:/work/data/enc/speech_embedding,min_duration=1.5s --model pooled \
+        --model-opt hidden=128 --student-init none --self-training-opt '' --threads 1 \
+        --epochs 25 --sup-epochs 100 --full-epochs 15 --json /work/runs/ssl_enc/bench_ssl.json \
+        --methods "supervised,fixmatch,pseudo-label student,self-training (6 rounds),full labels"
+
 Notes
 - Batches: the semi-supervised runs train on one store holding every training clip (50 with a
   clean label, the rest unlabeled); `TrainConfig.clean_share` (`pllcli train --clean-share`) puts
@@ -20,6 +28,15 @@ Notes
   training audio, labelled + unlabeled, never the test takes) are kept in `--work` and reused by
   later invocations; rows already in `--json` are skipped unless `--redo`. The JSON is rewritten
   after every row.
+- `--encoder SPEC`: the store holds the encoder's frames (`encoder_config(SPEC)`, file
+  `fsdd_<config hash>.h5` in `--work`) instead of 40-bin log-mel; the default augmentation then
+  drops the mel-axis warp and the 10-frame shift (a digit is ~10 frames at 12.5 Hz), see
+  ENCODER_AUGMENT; `--augment KEY=VALUE,...` overrides either default. `--model` picks the
+  registry model (`pooled`: mean+max pooled frames, optional MLP, no time stride).
+  `--student-init none` trains the pseudo-label student from scratch instead of from the
+  contrastive encoder (a `pooled` model with `hidden=0` has no encoder weights to pretrain);
+  `--self-training-opt ''` drops the per-clip mean normalisation of the self-training rounds (on
+  ~10 encoder frames the clip mean is most of the content).
 - Evaluation uses last.pt (EMA weights where an EMA is on); there is no validation split (50 labels).
 Everything goes through the library: pllcli.features (featurize), pllcli.training.trainer.train,
 pllcli.pretrain.pretrain, pllcli.pseudo_label.pseudo_label.
@@ -35,6 +52,12 @@ from pathlib import Path
 import numpy as np
 
 CLASSES = [str(d) for d in range(10)]
+# augmentation of every run (`--augment` overrides keys): log-mel / encoder frames. On encoder
+# frames a warp of the feature axis means nothing and a 10-frame shift drops most of a digit.
+LOGMEL_AUGMENT = {"time_masks": 2, "time_width": 0.15, "freq_masks": 2, "freq_width": 8, "freq_warp": 0.1,
+                  "time_warp": 0.2}
+ENCODER_AUGMENT = {"time_masks": 2, "time_width": 0.15, "freq_masks": 2, "freq_width": 8, "freq_warp": 0.0,
+                   "time_warp": 0.2, "shift": 1, "gain_db": 0.0}
 
 
 def split_stores(work: Path, src_store: Path, per_class: int, seed: int):
@@ -130,7 +153,17 @@ def main(argv=None):
     ap.add_argument("--threshold", type=float, default=0.9, help="pseudo-label confidence threshold")
     ap.add_argument("--per-class", type=int, default=5)
     ap.add_argument("--methods", default="all", help="comma list or 'all'")
-    ap.add_argument("--model-opt", default="width=16,rnn_hidden=64,proj=96")
+    ap.add_argument("--model", default="convgru", help="registry model of every run")
+    ap.add_argument("--model-opt", default=None,
+                    help="KEY=VALUE,... model options (default for convgru: width=16,rnn_hidden=64,proj=96)")
+    ap.add_argument("--encoder", default=None, metavar="SPEC",
+                    help="featurize with a pretrained encoder (`pllcli featurize --encoder SPEC`) instead of log-mel")
+    ap.add_argument("--augment", default="", help="KEY=VALUE,... overriding the default augmentation")
+    ap.add_argument("--self-training-opt", default="utt_norm=true",
+                    help="KEY=VALUE,... model options added for the self-training rounds (per-clip mean "
+                         "normalisation by default; '' for none)")
+    ap.add_argument("--student-init", choices=("enc", "none"), default="enc",
+                    help="pseudo-label student: from the contrastive encoder (enc) or from scratch (none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -147,12 +180,21 @@ def main(argv=None):
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
-    store = work / "fsdd.h5"
+    if args.encoder:
+        from pllcli.features.config import encoder_config
+        fcfg = encoder_config(args.encoder)
+        store = work / f"fsdd_{fcfg.hash()}.h5"
+    else:
+        fcfg, store = FeatureConfig.preset("speech8k", n_mels=40), work / "fsdd.h5"
     if not store.exists():
-        featurize(args.data, store, FeatureConfig.preset("speech8k", n_mels=40), jobs=2, progress=False)
+        t = time.time()
+        featurize(args.data, store, fcfg, jobs=1 if args.encoder else 2, progress=False)
+        print(f"featurized {store} in {time.time() - t:.0f}s", file=sys.stderr, flush=True)
     paths, sizes = split_stores(work, store, args.per_class, args.seed)
-    mopt = spec.coerce(model_builder("convgru"), spec.parse_pairs(args.model_opt, "--model-opt"), "--model-opt",
-                       skip=("n_mels", "num_classes"), what="model convgru")
+    model_opt = args.model_opt if args.model_opt is not None else (
+        "width=16,rnn_hidden=64,proj=96" if args.model == "convgru" else "")
+    mopt = spec.coerce(model_builder(args.model), spec.parse_pairs(model_opt, "--model-opt"), "--model-opt",
+                       skip=("n_mels", "num_classes"), what=f"model {args.model}")
     E, SE = args.epochs, args.sup_epochs
     jpath = Path(args.json) if args.json else None
     prev = json.loads(jpath.read_text()) if jpath and jpath.exists() and not args.redo else {}
@@ -169,12 +211,13 @@ def main(argv=None):
         enc = encs[objective]
         if not enc.exists():
             t = time.time()
-            pretrain([paths["semi"][0]], enc, PretrainConfig(objective=objective, model_options=mopt,
+            pretrain([paths["semi"][0]], enc, PretrainConfig(objective=objective, model=args.model,
+                     model_options=mopt,
                      epochs=args.pretrain_epochs, batch_size=128, lr=2e-3, crop_frames=80, seed=args.seed),
                      progress=False)
             timings[f"({objective} pretrain)"] = round(time.time() - t, 1)
             commands[f"({objective} pretrain)"] = (f"pllcli pretrain {paths['semi'][0]} -o {enc} --objective {objective} "
-                                                   f"--epochs {args.pretrain_epochs} --crop 0.8 "
+                                                   f"--epochs {args.pretrain_epochs} --crop 0.8 --model {args.model} "
                                                    + " ".join(f"--model-opt {k}={v}" for k, v in mopt.items()))
         return str(enc)
 
@@ -196,7 +239,9 @@ def main(argv=None):
         return str(out)
 
     ramp = f"schedule=sigmoid,start=0,end={max(1, E // 3)}"
-    strong = {"time_masks": 2, "time_width": 0.15, "freq_masks": 2, "freq_width": 8, "freq_warp": 0.1, "time_warp": 0.2}
+    from pllcli.training.augment import AugmentConfig
+    strong = {**(ENCODER_AUGMENT if args.encoder else LOGMEL_AUGMENT),
+              **spec.coerce(AugmentConfig, spec.parse_pairs(args.augment, "--augment"), "--augment")}
     fm = f"fixmatch:threshold=0.9,{ramp}"
     # name: (store, objectives, epochs, TrainConfig extras)
     runs = {
@@ -216,7 +261,8 @@ def main(argv=None):
                                      args.student_epochs, {}),
         "pretrain+fixmatch": ("semi", ["ce", fm], E, {"init": "enc"}),
         # self-training: soft labels from the FixMatch teachers, student from the pretrained encoder
-        "pseudo-label student": ("pseudo", ["ce", "distill:alpha=1", fm], E, {"init": "enc"}),
+        "pseudo-label student": ("pseudo", ["ce", "distill:alpha=1", fm], E,
+                                 {"init": "enc"} if args.student_init == "enc" else {}),
         "full labels": ("full", ["ce"], args.full_epochs, {"clean_share": 0.0}),
     }
     wanted = list(runs) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
@@ -226,6 +272,7 @@ def main(argv=None):
         few = {k: v for k, v in results.items() if k != "full labels"}
         best = max(few, key=few.get) if few else None
         report = {"results": results, "seconds": timings, "sizes": sizes, "args": vars(args), "info": extra_info,
+                  "features": fcfg.summary(), "augment": strong, "model": {"name": args.model, **mopt},
                   "commands": commands, "best": best,
                   "best_over_full": (results[best] / full) if best and full else None,
                   "total_seconds_this_invocation": round(time.time() - t_all, 1)}
@@ -236,14 +283,18 @@ def main(argv=None):
             tmp.replace(jpath)
         return best, full
 
+    opts_of_rounds: dict = {}
+
     def self_training(name, objs, epochs, extra):
         """Curriculum self-training with per-clip mean normalisation (`--model-opt utt_norm=true`):
         a supervised teacher on the 50 labels, then rounds of `pseudo-label --top-n-per-class N
         --only-unlabeled` (N = 25/50/75/100/100/100% of a class's share of the unlabeled clips)
         and a fresh student (`ce` + `distill:alpha=1` + `fixmatch`) that teaches the next round."""
         import shutil
-        opts = {**mopt, "utt_norm": True}
-        common = dict(model="convgru", model_options=opts, valid_fraction=0.0, seed=args.seed, device="cpu",
+        opts = {**mopt, **spec.coerce(model_builder(args.model), spec.parse_pairs(args.self_training_opt,
+                "--self-training-opt"), "--self-training-opt", skip=("n_mels", "num_classes"), what=f"model {args.model}")}
+        opts_of_rounds.update(opts)
+        common = dict(model=args.model, model_options=opts, valid_fraction=0.0, seed=args.seed, device="cpu",
                       progress=False, threads=args.threads, lr=3e-3, top_k=0, augment=strong)
         outdir = work / "run_selftrain_r0"
         shutil.rmtree(outdir, ignore_errors=True)
@@ -288,7 +339,8 @@ def main(argv=None):
             commands[name] = ("see self_training() in examples/bench_ssl.py: pllcli pseudo-label --top-n-per-class N "
                               "--only-unlabeled, then pllcli train --objective ce --objective distill:alpha=1 "
                               "--objective fixmatch:threshold=0.9 "
-                              "--model-opt utt_norm=true, 6 rounds")
+                              + " ".join(f"--augment {k}={v}" for k, v in strong.items()) + f" --model {args.model} "
+                              + " ".join(f"--model-opt {k}={v}" for k, v in opts_of_rounds.items()) + ", 6 rounds")
             print(f"{name:24s} acc {acc:.4f}  ({timings[name]:.0f}s)", file=sys.stderr, flush=True)
             dump()
             continue
@@ -297,7 +349,7 @@ def main(argv=None):
         else:
             feats, labels = str(paths[split][0]), str(paths[split][1])
         outdir = outdir_of(name)
-        cfg = TrainConfig(features=feats, labels=labels, outdir=str(outdir), model="convgru", model_options=mopt,
+        cfg = TrainConfig(features=feats, labels=labels, outdir=str(outdir), model=args.model, model_options=mopt,
                           objectives=objs, epochs=epochs, valid_fraction=0.0, seed=args.seed, device="cpu",
                           progress=False, threads=args.threads, lr=3e-3, top_k=0, augment=strong,
                           **{"batch_size": 64, "clean_share": args.clean_share, **extra})
@@ -312,7 +364,7 @@ def main(argv=None):
                           + " ".join(f"--objective {o}" for o in objs)
                           + " " + " ".join(f"--augment {k}={v}" for k, v in strong.items())
                           + (f" --ema {cfg.ema:g}" if cfg.ema else "") + (f" --init {cfg.init}" if cfg.init else "")
-                          + (" --freeze" if cfg.freeze else "")
+                          + (" --freeze" if cfg.freeze else "") + f" --model {args.model}"
                           + " " + " ".join(f"--model-opt {k}={v}" for k, v in mopt.items()))
         print(f"{name:24s} acc {acc:.4f}  ({timings[name]:.0f}s)", file=sys.stderr, flush=True)
         dump()

@@ -12,4 +12,4 @@ from __future__ import annotations
 
 from pllcli.models.registry import (  # noqa: F401
     build_model, list_models, model_builder, register_model)
-from pllcli.models import convgru, crnn, densenet, mobilenet, whenwho  # noqa: E402,F401  (builtin models)
+from pllcli.models import convgru, crnn, densenet, mobilenet, pooled, whenwho  # noqa: E402,F401  (builtin models)
