@@ -10,7 +10,8 @@ in-memory on chat-fsdd.
 
 `scale` featurizes the recordings once (speech8k, float16), writes stores of K copies of every
 clip (ids `ID~rK`, so every item is distinct to the trainer) with the digit of the file name as a
-clean label, and trains each in a fresh process: `--data stream --max-memory M` for every factor,
+clean label, and trains each in a fresh process for the same number of steps (the 1x store
+16 epochs when the 16x one trains 1): `--data stream --max-memory M` for every factor,
 and `--data memory` at the smallest factor as the reference. Peak RSS is the process's own
 (os.wait4 ru_maxrss). `chat` trains the default recipe twice on one label store and reports
 epoch time, items/s, the data-wait share of the step time (log.jsonl) and test accuracy
@@ -97,11 +98,13 @@ def scale(args) -> dict:
         if not labels.exists():
             digit_labels(store, labels)
         modes = ["memory", "stream"] if i == 0 else ["stream"]
+        # as many steps for every store: memory use may grow with steps (allocator), not with the store
+        epochs = args.epochs * max(args.factors) // f if args.equal_steps else args.epochs
         for mode in modes:
             run = work / f"scale_{f}x_{mode}"
             shutil.rmtree(run, ignore_errors=True)
             extra = ["--max-memory", args.max_memory] if mode == "stream" else []
-            wall, rss, _ = run_measured(["train", store, "--labels", labels, "-o", run, "--epochs", args.epochs,
+            wall, rss, _ = run_measured(["train", store, "--labels", labels, "-o", run, "--epochs", epochs,
                                          "--objective", "ce", "--data", mode, *extra, "--device", "cpu",
                                          "--threads", args.threads, "--seed", 0], env)
             from pllcli.features import FeatureStore
@@ -116,14 +119,14 @@ def scale(args) -> dict:
     ref = next(r for r in rows if r["mode"] == "stream")
     for r in rows:
         r["rss_vs_smallest_stream"] = r["peak_rss_mib"] / ref["peak_rss_mib"]
-    print("\n| store | items | file MiB | as float32 MiB | data | peak RSS MiB | vs 1x stream | items/s | data wait |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| store | items | file MiB | as float32 MiB | data | epochs | peak RSS MiB | vs 1x stream | items/s | data wait |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         data = f"stream, --max-memory {r['max_memory']}" if r["mode"] == "stream" else "memory"
-        print(f"| {r['factor']}x | {r['items']:,} | {r['store_mib']:.0f} | {r['float32_mib']:.0f} | {data} | "
+        print(f"| {r['factor']}x | {r['items']:,} | {r['store_mib']:.0f} | {r['float32_mib']:.0f} | {data} | {r['epochs']} | "
               f"{r['peak_rss_mib']:.0f} | {r['rss_vs_smallest_stream']:.3f} | {r['items_per_s']:,.0f} | "
               f"{100 * r['data_wait_share']:.1f}% |")
-    return {"rows": rows, "max_memory": args.max_memory, "epochs": args.epochs}
+    return {"rows": rows, "max_memory": args.max_memory, "epochs_largest": args.epochs, "equal_steps": args.equal_steps}
 
 
 def chat(args) -> dict:
@@ -163,7 +166,9 @@ def main() -> None:
     s.add_argument("recordings", type=Path, help="FSDD recordings folder ({digit}_{speaker}_{take}.wav)")
     s.add_argument("--factors", type=int, nargs="+", default=[1, 4, 16])
     s.add_argument("--max-memory", default="64M")
-    s.add_argument("--epochs", type=int, default=1)
+    s.add_argument("--epochs", type=int, default=1, help="epochs of the largest store")
+    s.add_argument("--equal-steps", action=argparse.BooleanOptionalAction, default=True,
+                   help="smaller stores train proportionally more epochs (the same number of steps)")
     c = sub.add_parser("chat", help="memory vs stream on chat-fsdd")
     c.add_argument("train", type=Path, help="feature store of the training messages")
     c.add_argument("labels", type=Path, help="label store (build-candidates)")

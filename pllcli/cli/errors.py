@@ -62,29 +62,33 @@ def usage_error_line(exc: BaseException) -> str:
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
     """Run a Typer app in non-standalone mode; return the exit code."""
     command = typer.main.get_command(app)
-    interrupted: list[bool] = []
+    stopped: list[int] = []
 
-    def on_sigint(signum, frame):  # typer turns Ctrl-C into a silent exit 130: note it to say so
-        interrupted.append(True)
-        raise KeyboardInterrupt
+    def on_signal(signum, frame):  # typer turns Ctrl-C into a silent exit 130: note it to say so
+        stopped.append(signum)
+        raise KeyboardInterrupt  # stages save what they can (train: last.pt mid-epoch; featurize: its journal)
 
-    prev = None
-    if threading.current_thread() is threading.main_thread() \
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        prev = signal.signal(signal.SIGINT, on_sigint)
+    def interrupted() -> int:
+        if stopped and stopped[0] == signal.SIGTERM:  # kill, scancel, a batch system's time limit
+            print("error: terminated (SIGTERM)", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+    prev = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(sig) is default:
+                prev[sig] = signal.signal(sig, on_signal)
     try:
         rv = command.main(args=argv, prog_name="pllcli", standalone_mode=False)
-        if interrupted and rv == EXIT_INTERRUPTED:
-            print("error: interrupted", file=sys.stderr)
+        if stopped and rv == EXIT_INTERRUPTED:
+            return interrupted()
         return rv if isinstance(rv, int) else 0
     except typer.Exit as e:
         return e.exit_code
-    except typer.Abort:
-        print("error: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except (typer.Abort, KeyboardInterrupt):
+        return interrupted()
     except _CliException as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # `pllcli` alone: the help is the answer
             e.show(file=sys.stderr)
@@ -102,5 +106,5 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return code
     finally:
-        if prev is not None:
-            signal.signal(signal.SIGINT, prev)
+        for sig, handler in prev.items():
+            signal.signal(sig, handler)

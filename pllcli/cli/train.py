@@ -195,6 +195,11 @@ _SegmentLabels = Annotated[bool, typer.Option(
     "becomes an item; predict/evaluate then average chunk scores.")]
 _Resume = Annotated[Optional[Path], typer.Option(
     "--resume", metavar="RUN", help="Continue from RUN/last.pt (or this file).")]
+_SaveEvery = Annotated[Optional[str], typer.Option(
+    "--save-every", metavar="N|DURATION", help=(
+        "Also write last.pt mid-epoch every N optimiser steps or every DURATION (10m, 1h) of training, "
+        "so that --resume loses at most that much after a crash or a kill (one process; an epoch "
+        "end always writes it)."))]
 _ListModels = Annotated[bool, typer.Option(
     "--list-models", is_eager=True, callback=_list_models,
     help="List the models with their --model-opt keys (type = default) and exit.")]
@@ -248,6 +253,7 @@ def train_cmd(
     freeze: Annotated[bool, typer.Option("--freeze", help="Freeze the encoder (linear probe).")] = False,
     segment_labels: _SegmentLabels = False,
     resume: _Resume = None,
+    save_every: _SaveEvery = None,
     device: Device = "auto",
     seed: Seed = 0,
     no_amp: Annotated[bool, typer.Option("--no-amp", help="No mixed precision on CUDA.")] = False,
@@ -294,7 +300,8 @@ def train_cmd(
         augment=augment_options(augment), init=str(init) if init else None, freeze=freeze,
         segment_labels=segment_labels, seed=seed, device=device, amp=not no_amp,
         resume=str(resume) if resume else None, progress=settings.verbosity >= 0, threads=threads,
-        data=data, max_memory=memory_bytes(max_memory), loader_workers=loader_workers)
+        data=data, max_memory=memory_bytes(max_memory), loader_workers=loader_workers,
+        **save_every_options(save_every))
     if when_who is not None:
         from pllcli.training.config import WeakConfig
         from pllcli.training.weak import check_when_who_flags, train_when_who
@@ -307,6 +314,20 @@ def train_cmd(
         summary = train(cfg)
     write_json(summary, json_out)
     report_written(outdir, to_stderr=json_out == "-")
+
+
+def save_every_options(spec: str | None) -> dict:
+    """--save-every N (steps) or DURATION (seconds) -> TrainConfig fields."""
+    from pllcli.errors import UsageError
+    from pllcli.io import parse_duration
+    if spec is None:
+        return {}
+    s = spec.strip()
+    if s.isdigit():
+        return {"save_every_steps": int(s)}
+    if not s or s[-1].isdigit():
+        raise UsageError(f"--save-every takes N steps or a duration with its unit (30s, 10m, 1h), got {spec!r}")
+    return {"save_every_seconds": parse_duration(s, "--save-every")}
 
 
 def _resolve_outdir(output: Path | None, outdir_old: Path | None, resume: Path | None) -> Path:

@@ -35,9 +35,11 @@ class WorkerError(RuntimeError):
 
 
 def init_worker() -> None:
-    import torch
-    torch.set_num_threads(1)
+    torch = sys.modules.get("torch")  # imported only on the --encoder path; never imported here
+    if torch is not None:
+        torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent stops a worker with SIGTERM (reap)
 
 
 def take_task(counter, n: int) -> int | None:

@@ -89,10 +89,12 @@ class Checkpoints:
         trainer_state = {**trainer_state, "state": state.to_json()}
         save_checkpoint(self.last, model, meta, extra={"trainer": trainer_state})
 
-    def save_interrupted(self, model, state: RunState, trainer_state: dict, where: str) -> None:
-        """last.pt of a run stopped mid-epoch (`trainer_state` holds its position; meta "interrupted")."""
+    def save_interrupted(self, model, state: RunState, trainer_state: dict, where: str,
+                         why: str = "interrupted") -> None:
+        """last.pt of a run stopped (why="interrupted") or saved by --save-every (why="saved")
+        mid-epoch: `trainer_state` holds its position; meta[why] says where."""
         from pllcli.checkpoint import save_checkpoint
-        meta = {**self.meta, "epoch": state.epoch, "interrupted": where}
+        meta = {**self.meta, "epoch": state.epoch, why: where}
         save_checkpoint(self.last, model, meta, extra={"trainer": {**trainer_state, "state": state.to_json()}})
 
     def save_model(self) -> Path | None:

@@ -86,7 +86,8 @@ DEFAULT_OBJECTIVES_NO_CLEAN = ("cr:eps=0.01",)  # the default for a store withou
 DEFAULT_CLEAN_SHARE = 0.25
 # config keys that may change between a run and its --resume
 RESUME_FREE = frozenset({"resume", "device", "progress", "outdir", "threads", "prefetch", "features", "labels",
-                         "valid", "valid_labels", "init", "data", "max_memory", "loader_workers"})
+                         "valid", "valid_labels", "init", "data", "max_memory", "loader_workers",
+                         "save_every_steps", "save_every_seconds"})
 
 
 def check_range(value, flag: str, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = True) -> None:
@@ -164,9 +165,13 @@ class TrainConfig:
     data: DataPath = DataPath.auto
     max_memory: int | None = None    # bytes (--max-memory); None = a share of RAM
     loader_workers: int | None = None  # DataLoader workers of the stream path; None = 0 on CPU, 2 on CUDA
+    save_every_steps: int = 0        # --save-every N: last.pt mid-epoch every N steps (0 = epoch ends only)
+    save_every_seconds: float = 0.0  # --save-every DURATION: ... every so many seconds
 
     def __post_init__(self) -> None:
         _check_data_flags(self)
+        check_range(self.save_every_steps, "--save-every", 0)
+        check_range(self.save_every_seconds, "--save-every", 0)
         self.optimizer = Optimizer.coerce(self.optimizer, "--optimizer")
         self.lr_schedule = LRSchedule.coerce(self.lr_schedule, "--lr-schedule")
         self.sampler = Sampler.coerce(self.sampler, "--sampler")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pllcli.errors import CheckpointError, TrainingError
+from pllcli.errors import CheckpointError, TrainingError, UsageError
 from pllcli.training.checkpoints import Checkpoints, RunState, average_states, load_resume
 from pllcli.training.distributed import Dist
 from pllcli.training.progress import Progress
@@ -60,6 +60,8 @@ class EngineConfig:
     desc: str = "train"
     resume: str | None = None    # a last.pt (or its folder) to continue from
     resume_config: dict = field(default_factory=dict)  # must match the saved run's
+    save_every_steps: int = 0      # also write last.pt mid-epoch every N steps (one process; 0 = off)
+    save_every_seconds: float = 0.0  # ... or every so many seconds of training
 
 
 @dataclass
@@ -152,6 +154,10 @@ class Engine:
         self._last_lr = cfg.lr
         self._pos: dict | None = None     # where the epoch is (for a save on interrupt)
         self._mutating = False            # inside an optimiser step: no consistent state to save
+        self._saved_at = (0, time.perf_counter())  # (step, time) of the last mid-epoch save
+        if (cfg.save_every_steps or cfg.save_every_seconds) and self.dist.enabled:
+            raise UsageError("--save-every needs one process; under torchrun last.pt is written at every "
+                             "epoch boundary (resume continues from there)")
 
     @property
     def eval_model(self):
@@ -219,6 +225,8 @@ class Engine:
             _accumulate(sums, phase, loss, parts, n)
             self._mutating = False
             self._pos.update(batches=bi + 1, wait=wait0 + src.wait, **self._snapshot())
+            if bi + 1 < total and self._save_due():
+                self._save_mid_epoch()
             bar.step(epoch=f"{epoch + 1}/{self.cfg.epochs}", loss=f"{sums['loss'][0] / max(1, sums['loss'][1]):.3f}")
         return src.wait
 
@@ -321,6 +329,23 @@ class Engine:
         if self.ckpt is None or self.dist.enabled:
             return {}
         return {"rng": _get_rng(), "buffers": {k: b.detach().clone() for k, b in self.model.named_buffers()}}
+
+    def _save_due(self) -> bool:
+        """--save-every: N steps or S seconds since the last mid-epoch save (or the start)."""
+        step, t = self._saved_at
+        c = self.cfg
+        return bool((c.save_every_steps and self.state.step - step >= c.save_every_steps)
+                    or (c.save_every_seconds and time.perf_counter() - t >= c.save_every_seconds))
+
+    def _save_mid_epoch(self) -> None:
+        """--save-every: last.pt at the current position (between two steps), as an interrupt writes it."""
+        self._saved_at = (self.state.step, time.perf_counter())
+        pos = self._pos
+        if self.ckpt is None or not self.dist.main:
+            return
+        where = f"epoch {pos['epoch'] + 1}, {self.phases[pos['phase']].name} batch {pos['batches']}"
+        self.ckpt.save_interrupted(self.eval_model, self.state, self._trainer_state(pos), where, why="saved")
+        log.debug("--save-every: wrote %s at %s", self.ckpt.last, where)
 
     def _save_interrupted(self) -> None:
         """On KeyboardInterrupt between two steps: last.pt with the position in the epoch."""

@@ -787,9 +787,10 @@ def nonfinite_rows(store, rows=None, block_frames: int = 64 * FEATURE_CHUNK_ROWS
     return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
 
-def feature_stats(store, rows=None, block_frames: int = 64 * FEATURE_CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+def feature_stats(store, rows=None, block_frames: int = 8 * FEATURE_CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """Per-bin mean and std (F,), (F,) over the frames of `rows`, read block by block (as
-    `InMemoryFeatures.stats`); InputError naming the first item with NaN/inf frames."""
+    `InMemoryFeatures.stats`); InputError naming the first item with NaN/inf frames. Blocks are
+    small: float64 temporaries of large blocks stay in the heap after the pass (glibc keeps them)."""
     nf = np.diff(np.asarray(store.offsets, np.int64))
     n, mean, m2 = 0, np.zeros(store.feature_dim), np.zeros(store.feature_dim)
     for blk, x in iter_store_blocks(store, rows, block_frames):

@@ -48,7 +48,8 @@ def engine_config(cfg: TrainConfig, **kw):
     return EngineConfig(epochs=cfg.epochs, lr=cfg.lr, optimizer=str(cfg.optimizer), weight_decay=cfg.weight_decay,
                         momentum=cfg.momentum, schedule=sched, grad_clip=cfg.grad_clip, ema=cfg.ema, amp=cfg.amp,
                         patience=cfg.patience, seed=cfg.seed, progress=cfg.progress, prefetch=cfg.prefetch,
-                        resume=cfg.resume, resume_config=cfg.semantic(), **kw)
+                        resume=cfg.resume, resume_config=cfg.semantic(), save_every_steps=cfg.save_every_steps,
+                        save_every_seconds=cfg.save_every_seconds, **kw)
 
 
 def load_labels(features_ids, path, what: str = "label store"):
