@@ -124,17 +124,17 @@ def run_demo(outdir: str | Path, size: str = "default", epochs: int | None = Non
 
     figures = {}
     for name in ("pll", "oracle"):
-        run(f"evaluate ({name})", "evaluate", runs / name / "best.pt", feats / "test.h5",
+        run(f"evaluate ({name})", "evaluate", runs / name / "model.pt", feats / "test.h5",
             corpus / "test.csv", "--json", runs / name / "test_metrics.json")
         figures[f"{name}_test_accuracy"] = json.loads((runs / name / "test_metrics.json").read_text())["clip"]["accuracy"]
 
-    run("predict (disambiguate)", "predict", runs / "pll" / "best.pt", feats / "train.h5",
+    run("predict (disambiguate)", "predict", runs / "pll" / "model.pt", feats / "train.h5",
         "--restrict-candidates", labels / "chat.h5", "-o", runs / "pll" / "train_disambiguated.csv")
     picked = {r["id"]: r["label"] for r in _read_csv(runs / "pll" / "train_disambiguated.csv")}
     typed = [r for r in truth if r["split"] == "train"]
     figures["disambiguation_accuracy"] = sum(picked.get(r["id"]) == r["label"] for r in typed) / max(1, len(typed))
 
-    run("export (ONNX, checked)", "export", runs / "pll" / "best.pt", "-o", runs / "pll" / "model.onnx",
+    run("export (ONNX, checked)", "export", runs / "pll" / "model.pt", "-o", runs / "pll" / "model.onnx",
         "--check", corpus / "audio" / f"{_read_csv(corpus / 'test.csv')[0]['id']}.wav")
 
     stats = json.loads((labels / "chat_stats.json").read_text())
@@ -151,8 +151,8 @@ def run_demo(outdir: str | Path, size: str = "default", epochs: int | None = Non
     res.figures = figures
     res.artefacts = {
         "corpus": str(corpus), "train features": str(feats / "train.h5"), "test features": str(feats / "test.h5"),
-        "label store": str(labels / "chat.h5"), "PLL checkpoint": str(runs / "pll" / "best.pt"),
-        "oracle checkpoint": str(runs / "oracle" / "best.pt"), "training log": str(runs / "pll" / "log.jsonl"),
+        "label store": str(labels / "chat.h5"), "PLL checkpoint": str(runs / "pll" / "model.pt"),
+        "oracle checkpoint": str(runs / "oracle" / "model.pt"), "training log": str(runs / "pll" / "log.jsonl"),
         "disambiguated train labels": str(runs / "pll" / "train_disambiguated.csv"),
         "ONNX model": str(runs / "pll" / "model.onnx"),
     }

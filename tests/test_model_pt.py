@@ -87,3 +87,17 @@ def test_interrupted_run_has_no_model_pt_and_resume_writes_the_same_one(data, tm
     after = load_checkpoint(tmp_path / "part" / "model.pt")[0]
     assert all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in before)
     assert not list((tmp_path / "part").glob(".model.pt.*"))  # no temporary left behind
+
+
+def test_when_who_run_writes_model_pt_too(tmp_path):
+    from pllcli.checkpoint import load_checkpoint
+    from pllcli.training import weak
+    from pllcli.training.config import TrainConfig
+    from tests.test_weak import _tag_store
+    _tag_store(tmp_path)
+    cfg = TrainConfig(features=str(tmp_path / "f.h5"), labels=str(tmp_path / "t.h5"), outdir=str(tmp_path / "r"),
+                      epochs=2, batch_size=8, lr=1e-2, model_options={"width": 4, "depth": 2, "rnn_hidden": 4},
+                      top_k=2, valid_fraction=0.25, progress=False)
+    weak.train_when_who(cfg, mode="joint")
+    assert load_checkpoint(tmp_path / "r" / "model.pt")[1]["deployed_from"] == "averaged.pt"
+    assert _same_weights(tmp_path / "r" / "model.pt", tmp_path / "r" / "averaged.pt")

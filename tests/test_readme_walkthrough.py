@@ -153,6 +153,11 @@ def test_walkthrough_extraction_sees_every_step():
     for stage in ("featurize", "build-candidates", "pretrain", "train", "pseudo-label", "evaluate", "predict",
                   "export"):
         assert any(c.startswith(f"pllcli {stage} ") for c in cmds), stage
+    # the commands after training use the checkpoint to deploy (model.pt), not best/last/averaged.pt
+    readers = [c for c in cmds + weak_commands((ROOT / "README.md").read_text())
+               if c.startswith(("pllcli predict", "pllcli evaluate", "pllcli export", "pllcli pseudo-label"))]
+    assert readers and all(".pt" not in c or "/model.pt" in c for c in readers), readers
+    assert not any(x in c for c in readers for x in ("best.pt", "last.pt", "averaged.pt"))
     # every folder a command reads was made by an earlier command (the 'new_messages/' trap)
     predict_audio = [c for c in cmds if c.startswith("pllcli predict") and "new_messages" in c]
     made = [c for c in cmds[:cmds.index(predict_audio[0])] if "mkdir" in c and "new_messages" in c]
@@ -168,8 +173,8 @@ def test_quickstart_activates_the_venv_it_installs():
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash not installed")
 def test_walkthrough_runs_as_written(tmp_path):
     run_as_written(walkthrough_commands((ROOT / "README.md").read_text()), WALKTHROUGH_RULES, tmp_path)
-    for path in ("feats/train.h5", "labels/chat.h5", "runs/encoder.pt", "runs/pll/best.pt", "runs/pll-ssl/best.pt",
-                 "labels/pseudo.h5", "runs/student/best.pt", "runs/pll/test.json", "model.onnx"):
+    for path in ("feats/train.h5", "labels/chat.h5", "runs/encoder.pt", "runs/pll/model.pt", "runs/pll-ssl/model.pt",
+                 "labels/pseudo.h5", "runs/student/model.pt", "runs/pll/test.json", "model.onnx"):
         assert (tmp_path / path).stat().st_size > 0, path
     new = (tmp_path / "new.csv").read_text().splitlines()
     assert len(new) == 1 + 10 and new[1].split(",")[0].startswith("test_00000")
@@ -183,7 +188,7 @@ def test_weak_tags_block_runs_as_written(tmp_path):
     cmds = weak_commands((ROOT / "README.md").read_text())
     assert cmds[0].startswith("python ../shared/bench/make_weak_corpus.py")
     run_as_written(cmds, WEAK_RULES, tmp_path)
-    for path in ("runs/mil/best.pt", "runs/whenwho/best.pt", "labels/psl.h5", "runs/psl/best.pt",
+    for path in ("runs/mil/model.pt", "runs/whenwho/model.pt", "labels/psl.h5", "runs/psl/model.pt",
                  "runs/whenwho/test.json"):
         assert (tmp_path / path).stat().st_size > 0, path
     assert len((tmp_path / "tags.csv").read_text().splitlines()) == 1 + 12  # every test clip predicted

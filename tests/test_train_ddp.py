@@ -51,7 +51,8 @@ def test_torchrun_two_cpu_processes_stream_their_own_share(tmp_path):
     # 16 clean items at a quarter of each batch (2 of 8), 48 others 6 a batch over 2 ranks: 4 steps each
     assert len(log) == 2 and [x["step"] for x in log] == [4, 8]
     assert sorted(r.stdout.split()) == sorted(str(tmp_path / "run" / n) for n in
-                                              ("best.pt", "last.pt", "averaged.pt", "log.jsonl", "summary.json"))
+                                              ("model.pt", "best.pt", "last.pt", "averaged.pt", "log.jsonl",
+                                               "summary.json"))
     cmd = base + ["pretrain", str(tmp_path / "f.h5"), "-o", str(tmp_path / "enc.pt"), "--epochs", "1",
                   "--batch-size", "8", "--model-opt", "width=4,rnn_hidden=8,proj=8", "--device", "cpu",
                   "--data", "stream"]
