@@ -15,6 +15,15 @@ also `pllcli train` (default recipe) on an encoder feature store with the same s
         --encoder onnx:$D,pad=end --baseline --train /work/runs/encoders/train \
         --json /work/runs/encoders/bench_encoder.json
 
+Cost on another corpus (`--cost MANIFEST --cost-dir DIR`, no FSDD folder needed): `featurize`
+(library call, `--jobs`) of every clip of MANIFEST with each `--encoder` and, with `--baseline`,
+the speech8k log-mel preset and bench_weak.py's log-mel (hop 256, 40 mels); rows: seconds,
+x real time, store size, frames per second of audio, dim. The stores are named as bench_weak.py
+names them (`feats_<config hash>.h5` / `feats_h256_m40.h5`), so `bench_weak.py --out DIR` reuses them:
+
+    python examples/bench_encoder.py --cost /work/data/weak/clips.csv --cost-dir /work/runs/weak_enc \
+        --encoder onnx:$D,min_duration=1.5s --baseline --json /work/runs/weak_enc/cost.json
+
 Short FSDD clips are zero-padded to the encoder's receptive field (0.78 s): `pad=end` vs the
 default `pad=centre`, and `min_duration=1.5s` (several windows per clip) are separate rows.
 """
@@ -138,6 +147,46 @@ def train_rows(name: str, spec: str, data: Path, work: Path, per_class: int, n_d
     return rows
 
 
+def cost_rows(manifest: Path, folder: Path, specs: list[str], baseline: bool, jobs: int) -> list[dict]:
+    """Featurize `manifest` into `folder` once per feature config (an existing store is reused:
+    its row then says so and has no timing); one row per config."""
+    from pllcli.features.config import FeatureConfig, encoder_config
+    from pllcli.features.extract import featurize
+    from pllcli.features.store import FeatureStore
+    configs = [(f"encoder {s}", encoder_config(s), None) for s in specs]
+    if baseline:
+        configs += [("logmel speech8k (64 mels, 10 ms hop)", FeatureConfig.preset("speech8k"), None),
+                    ("logmel bench_weak (40 mels, 32 ms hop)", FeatureConfig.preset(
+                        "speech8k", hop_length=256, win_length=256, n_fft=512, n_mels=40), "feats_h256_m40.h5")]
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, cfg, fname in configs:
+        store = folder / (fname or f"feats_{cfg.hash()}.h5")
+        row = {"features": name, "store": str(store), "config": cfg.summary(), "jobs": jobs}
+        if store.exists():
+            row["reused"] = True
+        else:
+            summary = featurize(str(manifest), store, cfg, jobs=jobs, progress=False)
+            row.update({k: summary.get(k) for k in ("wall_seconds", "audio_seconds", "x_real_time")})
+        with FeatureStore(store) as fs:
+            audio = float(np.sum(fs.durations))
+            row.update({"clips": len(fs), "audio_seconds": round(audio, 1), "dim": int(fs.config.n_mels),
+                        "frames_per_second": round(float(np.sum(fs.num_frames)) / audio, 2)})
+        row["store_mb"] = round(store.stat().st_size / 1e6, 1)
+        rows.append(row)
+        print(f"# cost {name}: {row.get('x_real_time', 'reused')}x real time, {row['store_mb']} MB", file=sys.stderr)
+    return rows
+
+
+def print_cost(rows: list[dict]) -> None:
+    print(f"{'features':<48} {'clips':>6} {'audio h':>8} {'seconds':>8} {'x real':>8} {'store MB':>9} {'frames/s':>9} {'dim':>4}")
+    for r in rows:
+        sec = f"{r['wall_seconds']:8.1f}" if r.get("wall_seconds") else f"{'reused':>8}"
+        xrt = f"{r['x_real_time']:8.1f}" if r.get("x_real_time") else f"{'-':>8}"
+        print(f"{r['features'][:48]:<48} {r['clips']:>6} {r['audio_seconds'] / 3600:8.2f} {sec} {xrt} "
+              f"{r['store_mb']:9.1f} {r['frames_per_second']:9.2f} {r['dim']:>4}")
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'features':<38} {'labels':<10} {'draws':<22} {'mean':>6}")
     groups: dict[tuple, list[float]] = {}
@@ -162,8 +211,22 @@ def main(argv=None) -> None:
         "also pllcli train (convgru, CE) on an encoder store of the first --encoder, in WORK"))
     ap.add_argument("--sup-epochs", type=int, default=60, help="epochs of the few-label runs (batch 16)")
     ap.add_argument("--full-epochs", type=int, default=12, help="epochs of the all-label run (batch 64)")
+    ap.add_argument("--cost", type=Path, metavar="MANIFEST",
+                    help="featurize cost rows on this manifest (x real time, store size) instead of FSDD rows")
+    ap.add_argument("--cost-dir", type=Path, default=None, help="folder of the --cost stores (required with --cost)")
+    ap.add_argument("--jobs", type=int, default=1, help="featurize jobs of the --cost rows")
     a = ap.parse_args(argv)
     specs = a.encoder or []
+    if a.cost is not None:
+        if a.cost_dir is None:
+            sys.exit("--cost needs --cost-dir DIR")
+        rows = cost_rows(a.cost, a.cost_dir, specs, a.baseline, a.jobs)
+        print_cost(rows)
+        if a.json:
+            from pllcli.io import write_json
+            write_json({"manifest": str(a.cost), "cost": rows}, a.json)
+            print(f"wrote {a.json}")
+        return
     if a.fetch is not None:
         folder = fetch(a.fetch)
         print(f"speech_embedding files in {folder}", file=sys.stderr)

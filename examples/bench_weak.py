@@ -55,15 +55,35 @@ from pllcli.training.weak import (WeakConfig, WhenWhoNet, fit_when_who, pad_feat
 log = logging.getLogger("bench_weak")
 
 
-def load(data: Path, out: Path):
+def encoder_align(frames: np.ndarray, lead: int) -> np.ndarray:
+    """Encoder frames (T', D) on the clip's timeline: frame k of an encoder covers
+    [k hop, k hop + receptive field), so its centre lies half a receptive field after k hop; the
+    first and last frames are repeated `lead` times (round(field / 2 / hop)) so that frame k is
+    centred near k hop, as the strong labels and the event decoding assume."""
+    if lead <= 0 or len(frames) == 0:
+        return frames
+    return np.concatenate([np.repeat(frames[:1], lead, 0), frames, np.repeat(frames[-1:], lead, 0)])
+
+
+def load(data: Path, out: Path, encoder: str | None = None, align: bool = True):
+    """The weak corpus as padded tensors; log-mel (hop 256, 40 mels) or, with `encoder` (a
+    `featurize --encoder` SPEC), the encoder's frames (store `feats_<config hash>.h5`, aligned
+    with `encoder_align` unless `align` is False)."""
     from pllcli.features import FeatureStore
     from pllcli.features.config import FeatureConfig
     store = out / "feats_h256_m40.h5"
     cfg = FeatureConfig.preset("speech8k", hop_length=256, win_length=256, n_fft=512, n_mels=40)
+    lead = 0
+    if encoder:
+        from pllcli.features.config import encoder_config
+        cfg = encoder_config(encoder)
+        store = out / f"feats_{cfg.hash()}.h5"
+        lead = int(round(cfg.win_length / 2 / cfg.hop_length)) if align else 0
     if not store.exists():
         from pllcli.features.extract import featurize
         featurize(str(data / "clips.csv"), store, cfg, jobs=1, progress=False)
     fs = FeatureStore(store)
+    get = (lambda c: encoder_align(fs.get(c), lead)) if lead else fs.get
     split = {row["id"]: row["split"] for _, row in Table(data / "clips.csv", required=["id", "split"])}
     classes = sorted({x for _, r in Table(data / "truth_tags.csv") for x in r["labels"].split(";") if x})
     tr_ids, Ytr, _ = read_tags(data / "tags.csv", classes=classes)
@@ -72,13 +92,14 @@ def load(data: Path, out: Path):
     te_ids, Yte = [all_ids[i] for i in te], Yall[te]
     durations = dict(zip(fs.ids.tolist(), np.asarray(fs.durations, dtype=float).tolist()))
     strong = read_events_tsv(data / "strong.tsv", classes=classes, durations=durations)
-    Xtr, Ltr = pad_features([fs.get(c) for c in tr_ids])
-    Xte, Lte = pad_features([fs.get(c) for c in te_ids])
+    Xtr, Ltr = pad_features([get(c) for c in tr_ids])
+    Xte, Lte = pad_features([get(c) for c in te_ids])
     un_ids = [cid for cid, s in split.items() if s == "unlabeled"]
-    Xun, Lun = pad_features([fs.get(c) for c in un_ids]) if un_ids else (Xtr[:0], Ltr[:0])
+    Xun, Lun = pad_features([get(c) for c in un_ids]) if un_ids else (Xtr[:0], Ltr[:0])
     hop = cfg.hop_length / cfg.sample_rate
     return dict(classes=classes, Xtr=Xtr, Ltr=Ltr, Ytr=Ytr, Xte=Xte, Lte=Lte, Yte=Yte, te_ids=te_ids,
-                Xun=Xun, Lun=Lun, strong=strong, hop=hop, durations=durations)
+                Xun=Xun, Lun=Lun, strong=strong, hop=hop, durations=durations,
+                features=cfg.summary(), align_frames=lead)
 
 
 def who_metrics(Y, P):
@@ -426,7 +447,12 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--mel-pool", type=int, default=2, help="average adjacent mel bands (40 -> 20) to save time")
+    ap.add_argument("--mel-pool", type=int, default=None,
+                    help="average adjacent mel bands (40 -> 20) to save time (default 2; 1 with --encoder)")
+    ap.add_argument("--encoder", default=None, metavar="SPEC",
+                    help="train on a pretrained encoder's frames (`pllcli featurize --encoder SPEC`) instead of log-mel")
+    ap.add_argument("--no-encoder-align", action="store_true",
+                    help="keep encoder frame k at k hop (no half-receptive-field shift, see encoder_align)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--when-epochs", type=int, default=None, help="epochs of the WHEN-only runs (default --epochs)")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N train/test clips (smoke test)")
@@ -446,7 +472,9 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(a.threads)
     t_all = time.perf_counter()
-    D = load(a.data, a.out)
+    if a.mel_pool is None:
+        a.mel_pool = 1 if a.encoder else 2
+    D = load(a.data, a.out, a.encoder, align=not a.no_encoder_align)
     if a.mel_pool > 1:
         for k in ("Xtr", "Xte", "Xun"):
             X = D[k]
@@ -529,6 +557,7 @@ def main(argv=None):
            "seed": a.seed, "frame_hop_s": hop_out, "train_clips": int(len(D["Xtr"])),
            "test_clips": int(len(D["Xte"])), "results": results,
            "wall_seconds": round(time.perf_counter() - t_all, 1)}
+    out.update({"features": D["features"], "encoder": a.encoder, "encoder_align_frames": D["align_frames"]})
     cols = ["who_mAP", "who_dprime", "when_frame_auc", "event_f1_micro", "segment_f1_micro", "psds1", "psds2",
             "train_seconds"]
     print(f"{'run':22s} " + " ".join(f"{c:>14s}" for c in cols))
