@@ -32,6 +32,7 @@ def test_train_writes_model_pt_as_the_average_and_predict_uses_it(data, tmp_path
     r = run_inproc(capsys, "-q", "train", d / "f.h5", "--labels", d / "l.h5", "-o", out, *FAST)
     assert r.returncode == 0, r.stderr
     assert str(out / "model.pt") in r.stdout.splitlines()  # the printed paths list it
+    assert json.loads((out / "summary.json").read_text())["checkpoints"]["model"] == str(out / "model.pt")
     src = out / DEPLOY_ORDER[0]
     assert DEPLOY_ORDER[0] == "averaged.pt" and src.exists()
     assert _same_weights(out / "model.pt", src) and not _same_weights(out / "model.pt", out / "last.pt")

@@ -314,7 +314,7 @@ def _finish(engine, task, outdir: Path, meta: dict, inp: _Inputs, wall: float) -
         "data_wait_share": float(sum(waits) / max(1e-9, sum(times))) if times else None,
         "wall_s": round(wall, 2), "device": str(engine.device),
         "data": {"path": inp.path, "reason": inp.path_reason},
-        "checkpoints": {k: str(outdir / f"{k}.pt") for k in ("best", "last", "averaged")
+        "checkpoints": {k: str(outdir / f"{k}.pt") for k in ("model", "best", "last", "averaged")
                         if (outdir / f"{k}.pt").exists()},
     }
     write_json(summary, outdir / "summary.json")
