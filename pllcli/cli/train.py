@@ -198,8 +198,8 @@ _Resume = Annotated[Optional[Path], typer.Option(
 _SaveEvery = Annotated[Optional[str], typer.Option(
     "--save-every", metavar="N|DURATION", help=(
         "Also write last.pt mid-epoch every N optimiser steps or every DURATION (10m, 1h) of training, "
-        "so that --resume loses at most that much after a crash or a kill (one process; an epoch "
-        "end always writes it)."))]
+        "so that --resume loses at most that much after a crash or a kill (under torchrun too; an "
+        "epoch end always writes it)."))]
 _ListModels = Annotated[bool, typer.Option(
     "--list-models", is_eager=True, callback=_list_models,
     help="List the models with their --model-opt keys (type = default) and exit.")]

@@ -91,6 +91,15 @@ class Dist:
         keep = i >= 0
         return i[keep], r[keep]
 
+    def gather_objects(self, obj) -> list:
+        """Every rank's picklable `obj` in rank order, on every rank ([obj] in one process)."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast_module(self, module) -> None:
         """Rank 0's parameters and buffers to every rank (BatchNorm statistics drift per rank)."""
         if not self.enabled:

@@ -20,8 +20,9 @@ A phase whose batches come from a `pllcli.training.stream.StreamLoader` (`Phase.
 iterated directly (its DataLoader workers prefetch; data wait is the loader's), and the loader's
 position is part of the resume state. A run stopped by KeyboardInterrupt between two steps (one
 process) writes last.pt with its position in the epoch; `--resume` then continues at the next
-batch, exactly as the uninterrupted run would have. The log says whether a resume is mid-epoch
-or at an epoch boundary.
+batch, exactly as the uninterrupted run would have. `save_every_steps` / `save_every_seconds`
+write the same mid-epoch last.pt periodically (under torchrun too, with every rank's RNG and
+BatchNorm statistics). The log says whether a resume is mid-epoch or at an epoch boundary.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pllcli.errors import CheckpointError, TrainingError, UsageError
+from pllcli.errors import CheckpointError, TrainingError
 from pllcli.training.checkpoints import Checkpoints, RunState, average_states, load_resume
 from pllcli.training.distributed import Dist
 from pllcli.training.progress import Progress
@@ -155,9 +156,6 @@ class Engine:
         self._pos: dict | None = None     # where the epoch is (for a save on interrupt)
         self._mutating = False            # inside an optimiser step: no consistent state to save
         self._saved_at = (0, time.perf_counter())  # (step, time) of the last mid-epoch save
-        if (cfg.save_every_steps or cfg.save_every_seconds) and self.dist.enabled:
-            raise UsageError("--save-every needs one process; under torchrun last.pt is written at every "
-                             "epoch boundary (resume continues from there)")
 
     @property
     def eval_model(self):
@@ -317,6 +315,8 @@ class Engine:
                               "wait": pos["wait"], "time": time.perf_counter() - pos["t0"], "world": self.dist.world,
                               "sums": {k: [float(v), int(c)] for k, (v, c) in pos["sums"].items()}}
             st["rng"] = pos["rng"]
+            if "ranks" in pos:
+                st["rank_states"] = pos["ranks"]
         if self.ema is not None:
             st["ema"] = self.ema.state_dict()
         if self.scaler.is_enabled():
@@ -334,14 +334,25 @@ class Engine:
         """--save-every: N steps or S seconds since the last mid-epoch save (or the start)."""
         step, t = self._saved_at
         c = self.cfg
-        return bool((c.save_every_steps and self.state.step - step >= c.save_every_steps)
-                    or (c.save_every_seconds and time.perf_counter() - t >= c.save_every_seconds))
+        due = bool((c.save_every_steps and self.state.step - step >= c.save_every_steps)
+                   or (c.save_every_seconds and time.perf_counter() - t >= c.save_every_seconds))
+        if c.save_every_seconds and self.dist.enabled:
+            due = self.dist.any_flag(due)  # the ranks' clocks differ: all save, or none
+        return due
 
     def _save_mid_epoch(self) -> None:
-        """--save-every: last.pt at the current position (between two steps), as an interrupt writes it."""
+        """--save-every: last.pt at the current position (between two steps), as an interrupt writes it.
+        Under torchrun every rank is at the same step: rank 0 gathers each rank's RNG states and
+        BatchNorm statistics (they differ per rank) and writes them beside its own."""
         self._saved_at = (self.state.step, time.perf_counter())
         pos = self._pos
-        if self.ckpt is None or not self.dist.main:
+        if self.ckpt is None:
+            return
+        if self.dist.enabled:
+            ranks = self.dist.gather_objects(
+                {"rng": _get_rng(), "buffers": {k: b.detach().cpu().clone() for k, b in self.model.named_buffers()}})
+            pos = {**pos, **ranks[0], "ranks": ranks}
+        if not self.dist.main:
             return
         where = f"epoch {pos['epoch'] + 1}, {self.phases[pos['phase']].name} batch {pos['batches']}"
         self.ckpt.save_interrupted(self.eval_model, self.state, self._trainer_state(pos), where, why="saved")
@@ -387,7 +398,14 @@ class Engine:
                                   f"the same number (this run has {self.dist.world})")
         log.info("resume: mid-epoch, epoch %d at %s batch %d", pos["epoch"] + 1, self.phases[pos["phase"]].name,
                  pos["batches"] + 1)
-        return {**pos, "sums": {k: list(v) for k, v in pos["sums"].items()}, "rng": tr["rng"]}
+        rng = tr["rng"]
+        if "rank_states" in tr:  # a torchrun save: this rank's own RNG and BatchNorm statistics
+            mine = tr["rank_states"][self.dist.rank]
+            rng = mine["rng"]
+            for k, b in self.model.named_buffers():
+                if k in mine["buffers"]:
+                    b.copy_(mine["buffers"][k].to(b.device))
+        return {**pos, "sums": {k: list(v) for k, v in pos["sums"].items()}, "rng": rng}
 
     # ------------------------------------------------------------------ after the run
     def average_topk(self):
