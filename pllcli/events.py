@@ -7,7 +7,10 @@ whole clip, or hop_length / sample_rate x the model's time downsampling).
 Decoding (`decode_events`): optional median filter along time (per class), then a threshold
 (one for all classes or one per class; with `low` given, hysteresis: a run must reach
 `threshold` somewhere and extends while scores stay >= `low`), then runs separated by less
-than `min_gap` seconds are merged and runs shorter than `min_duration` seconds dropped.
+than `min_gap` seconds are merged and runs shorter than `min_duration` seconds dropped; last,
+`extend` = (before, after) seconds widens each event (`extend_events`; `dilate` does the same to
+frame scores). Widening pays under PSDS1's intersection criteria when the truth includes
+silence a detector cannot hear (a detection may be 1 / 0.7 times the truth and still count).
 
 Decoding parameters from the command line: `parse_thresholds` (one value, `CLASS=VALUE` pairs,
 or a default plus pairs), `median_frames` (an integer = frames, a duration such as `450ms` or
@@ -96,9 +99,9 @@ def binarize(scores: np.ndarray, threshold, low=None) -> np.ndarray:
 
 def decode_events(scores: np.ndarray, classes: Sequence[str], hop: float, threshold=0.5, *,
                   low=None, median: "int | float | str" = 1, min_duration: float = 0.0, min_gap: float = 0.0,
-                  duration: float | None = None) -> list[Event]:
+                  duration: float | None = None, extend: tuple[float, float] = (0.0, 0.0)) -> list[Event]:
     """Frame scores (T, C) -> events sorted by onset. See the module docstring (`median`: see
-    `median_frames`)."""
+    `median_frames`; `extend`: see `extend_events`, applied last)."""
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim == 1:
         s = s[:, None]
@@ -120,7 +123,46 @@ def decode_events(scores: np.ndarray, classes: Sequence[str], hop: float, thresh
                 merged.append([on, off])
         events += [Event(round(on, 6), round(off, 6), str(name)) for on, off in merged
                    if off - on >= min_duration - 1e-9 and off > on]
+    if extend is not None and any(extend):
+        events = extend_events(events, *extend, duration=end_time)
     return sorted(events, key=lambda e: (e.onset, e.label))
+
+
+def extend_events(events: Iterable, before: float, after: float, duration: float | None = None) -> list[Event]:
+    """Onsets moved `before` seconds earlier and offsets `after` seconds later (negative: inwards),
+    inside [0, duration] and never past the middle of the gap to the neighbouring event of the same
+    label (events stay apart); an event shrunk to nothing is dropped."""
+    if before == 0 and after == 0:
+        return [Event(*e) for e in events]
+    by_label: dict[str, list[Event]] = defaultdict(list)
+    for e in events:
+        by_label[str(e[2])].append(Event(float(e[0]), float(e[1]), str(e[2])))
+    out = []
+    for lab, evs in by_label.items():
+        evs.sort()
+        for k, (on, off, _) in enumerate(evs):
+            lo = 0.0 if k == 0 else (evs[k - 1].offset + on) / 2
+            hi = (float("inf") if duration is None else float(duration)) if k == len(evs) - 1 \
+                else (off + evs[k + 1].onset) / 2
+            a = on - before if before <= 0 else max(on - before, min(lo, on))
+            b = off + after if after <= 0 else min(off + after, max(hi, off))
+            a, b = max(0.0, a), b if duration is None else min(float(duration), b)
+            if b > a:
+                out.append(Event(round(a, 6), round(b, 6), lab))
+    return sorted(out, key=lambda e: (e.onset, e.label))
+
+
+def dilate(scores: np.ndarray, before: int, after: int) -> np.ndarray:
+    """Scores (T,) or (T, C) -> max over frames [t - after, t + before]: above any threshold a
+    run starts `before` frames earlier and ends `after` frames later (frame-score `extend`)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if before <= 0 and after <= 0:
+        return s
+    before, after = max(0, int(before)), max(0, int(after))
+    pad = [(after, before)] + [(0, 0)] * (s.ndim - 1)
+    p = np.pad(s, pad, mode="constant", constant_values=-np.inf)
+    win = np.lib.stride_tricks.sliding_window_view(p, before + after + 1, axis=0)
+    return win.max(axis=-1)
 
 
 def events_to_frames(events: Iterable, classes: Sequence[str], num_frames: int, hop: float) -> np.ndarray:
@@ -273,7 +315,8 @@ def read_events_tsv(path, classes: Sequence[str] | None = None, durations: dict[
 
 __all__ = ["Event", "decode_items", "frame_hop", "median_filter", "median_frames", "binarize", "decode_events",
            "events_to_frames", "format_events_tsv", "write_events_tsv", "write_frame_scores_tsv", "write_frame_scores",
-           "read_events_tsv", "parse_thresholds", "tune_thresholds", "when_segments", "segment_means",
+           "read_events_tsv", "parse_thresholds", "extend_events", "dilate", "tune_thresholds", "when_segments",
+           "segment_means",
            "label_segments", "events_at_peaks", "segment_frame_ranges", "likely_tags",
            "sliding_windows", "overlap_average"]
 

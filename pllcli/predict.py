@@ -290,7 +290,7 @@ def _write_frame_outputs(fs, classes, frame_logits, frame_lengths, events, frame
     rows = decode.get("rows")
     if rows is None:
         rows = decode_items(items, classes, None, thr, low=low, median=median, min_duration=min_duration,
-                            min_gap=decode.get("min_gap") or 0.0)
+                            min_gap=decode.get("min_gap") or 0.0, extend=decode.get("extend") or (0.0, 0.0))
     if events is not None:
         write_events_tsv(events, rows)
     if frame_scores is not None:
@@ -302,9 +302,12 @@ def _segment_class_rows(model, meta, fs, feats, offsets, res, classes, dev, batc
                         min_duration, decode) -> list[tuple]:
     """WHEN/WHO checkpoints: events = WHEN segments, each named by the likely tag that WHO scores
     highest on the segment's own frames (`events.label_segments`), not every tag of the clip.
-    WHEN(t) is recovered from the transcription P(t, c) = WHEN(t) WHO(c) at the top WHO class."""
-    from pllcli.events import label_segments, likely_tags, parse_thresholds, segment_frame_ranges, when_segments
+    WHEN(t) is recovered from the transcription P(t, c) = WHEN(t) WHO(c) at the top WHO class;
+    `decode["extend"]` widens the named segments (`events.extend_events`)."""
+    from pllcli.events import (extend_events, label_segments, likely_tags, parse_thresholds, segment_frame_ranges,
+                               when_segments)
     from pllcli.training.data import InMemoryFeatures
+    extend = decode.get("extend") or (0.0, 0.0)
     if (meta.get("model") or {}).get("name") != "whenwho":
         raise UsageError("--segment-classes needs a WHEN/WHO checkpoint (model whenwho)")
     who = 1.0 / (1.0 + np.exp(-res["logits"]))
@@ -325,8 +328,12 @@ def _segment_class_rows(model, meta, fs, feats, offsets, res, classes, dev, batc
     rows, k = [], 0
     for i, cid in enumerate(fs.ids):
         n = len(segs[i])
-        rows += [(str(cid), e.onset, e.offset, e.label)
-                 for e in label_segments(segs[i], seg_who[k:k + n], classes, likely_tags(who[i]))]
+        named = label_segments(segs[i], seg_who[k:k + n], classes, likely_tags(who[i]))
+        if any(extend) and len(named) == n:  # named[j] is segment j; segments widen as one class
+            wide = extend_events([(on, off, "event") for on, off in segs[i]], *extend,
+                                 duration=float(fs.durations[i]))
+            named = [e._replace(onset=w.onset, offset=w.offset) for e, w in zip(named, wide)]
+        rows += [(str(cid), e.onset, e.offset, e.label) for e in named]
         k += n
     return rows
 
@@ -358,6 +365,7 @@ def _tuned_thresholds(model, meta, dev, batch_size, classes, threshold, median, 
     low = None if decode.get("low") is None else parse_thresholds(decode["low"], classes, "--low")
     thr, _ = tune_thresholds(_frame_items(vfs, res["frame_logits"], res["frame_lengths"]), ref, classes,
                              low=low, median=median, min_duration=min_duration, min_gap=decode.get("min_gap") or 0.0,
+                             extend=decode.get("extend") or (0.0, 0.0),
                              default=float(np.median(parse_thresholds(threshold, classes))))
     return thr
 

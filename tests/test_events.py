@@ -190,3 +190,30 @@ def test_sliding_windows_cover_the_clip_and_overlap_average_reference():
     ev = decode_events(out, ["a", "b"], 0.1, 0.5)
     assert [(e.label, e.onset, e.offset) for e in ev] == [("a", 0.0, 0.4), ("b", 0.3, 1.0), ("a", 0.7, 1.0)]
     assert overlap_average(np.zeros((0, 2)), [], 3).tolist() == [[0, 0]] * 3     # no window: zeros
+
+
+def test_extend_events_stops_at_the_gap_middle_and_the_clip():
+    from pllcli.events import extend_events
+    evs = [(1.0, 1.5, "a"), (1.7, 2.0, "a"), (1.6, 1.8, "b")]
+    # a1: onset 1.0 - 0.2; offset 1.5 + 0.3 capped at the middle of the 1.5-1.7 gap (1.6);
+    # a2: onset 1.7 - 0.2 capped at 1.6, offset 2.3 capped at the clip end 2.1; b has no neighbour
+    assert extend_events(evs, 0.2, 0.3, duration=2.1) == [
+        Event(0.8, 1.6, "a"), Event(1.4, 2.1, "b"), Event(1.6, 2.1, "a")]
+    assert extend_events([(0.1, 0.5, "a")], 0.3, 0.0) == [Event(0.0, 0.5, "a")]    # not before 0
+    assert extend_events([(0.1, 0.5, "a")], -0.1, -0.1) == [Event(0.2, 0.4, "a")]  # negative: inwards
+    assert extend_events([(0.1, 0.3, "a")], -0.1, -0.1) == []                      # shrunk to nothing
+    assert extend_events(evs, 0.0, 0.0) == [Event(*e) for e in evs]
+
+
+def test_decode_events_extend_and_dilate_agree():
+    from pllcli.events import dilate
+    p = np.array([0, 0, 0.9, 0.9, 0, 0, 0, 0.8, 0, 0.])      # runs: frames 2-3 and 7
+    # frames of 0.1 s: [0.2, 0.4) and [0.7, 0.8), widened 0.1 before / 0.2 after; the first stops at
+    # the middle of the 0.4-0.7 gap (0.55), the second's onset 0.6 lies after it, its offset 1.0 is the clip end
+    ev = decode_events(p[:, None], ["x"], 0.1, 0.5, extend=(0.1, 0.2))
+    assert [(e.onset, e.offset) for e in ev] == [(0.1, 0.55), (0.6, 1.0)]
+    d = dilate(p, 1, 2)    # out[t] = max p[t-2 .. t+1]
+    assert np.allclose(d, [0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.8, 0.8, 0.8, 0.8])
+    assert decode_events(d[:, None], ["x"], 0.1, 0.5) == [Event(0.1, 1.0, "x")]  # merged: scores overlap
+    assert np.array_equal(dilate(p, 0, 0), p)
+    assert np.allclose(dilate(np.eye(3), 0, 1), [[1, 0, 0], [1, 1, 0], [0, 1, 1]])   # (T, C): per class

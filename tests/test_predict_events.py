@@ -157,3 +157,27 @@ def test_cli_segment_classes_name_each_when_segment_once(tmp_path):
     assert len(all_rows) > len(rows)
     r = run_cli("predict", tmp_path / "m.pt", tmp_path / "f.h5", "--events", tmp_path / "x.tsv", "--segment-classes")
     assert r.returncode == 2 and "--segment-classes needs a WHEN/WHO checkpoint" in r.stderr
+    # --extend is accepted with --segment-classes: same events and labels, offsets at most 0.1 s
+    # later (this untrained WHEN marks whole clips, so they stay at the clips' ends)
+    r = run_cli(*base, "--events", tmp_path / "wide.tsv", "--segment-classes", "--extend", "0,100ms")
+    assert r.returncode == 0, r.stderr
+    wide = [ln.split("\t") for ln in (tmp_path / "wide.tsv").read_text().splitlines()[1:]]
+    assert [(w[0], w[1], w[3]) for w in wide] == [(s[0], s[1], s[3]) for s in rows]
+    assert all(0 < float(w[2]) - float(s[2]) <= 0.1 + 1e-3 or float(w[2]) == float(s[2]) for w, s in zip(wide, rows))
+
+
+def test_extend_widens_decoded_events_and_is_validated(tmp_path):
+    # class x on frames 3-4 of ten 0.1 s frames: 0.3-0.5 s; --extend 0.1,0.2 -> 0.2-0.7 s
+    p = np.full((10, 1), 0.1)
+    p[3:5, 0] = 0.9
+    fs = SimpleNamespace(ids=np.array(["a"]), durations=np.array([1.0]))
+    ev = tmp_path / "ev.tsv"
+    _write_frame_outputs(fs, ["x"], _logit(p[None]), np.array([10]), str(ev), None, "0.5", 1, 0.0,
+                         {"extend": (0.1, 0.2)})
+    assert ev.read_text().splitlines()[1].split("\t") == ["a", "0.200", "0.700", "x"]
+    from pllcli.cli.predict import _extend_seconds
+    assert _extend_seconds("64ms,0.128") == (0.064, 0.128) and _extend_seconds("0.1") == (0.1, 0.1)
+    assert _extend_seconds(None) == (0.0, 0.0)
+    for bad in ("1,2,3", "x", "-0.1"):
+        with pytest.raises(UsageError, match="--extend"):
+            _extend_seconds(bad)

@@ -50,6 +50,10 @@ def predict_cmd(
         "--min-duration", "Drop events shorter than this (200ms, 0.2 or 0 = keep all).", _EV)] = "0",
     min_gap: Annotated[str, duration_option("--min-gap", "Merge events of one class separated by less than this "
                                             "(100ms, 0.1 or 0 = never).", _EV)] = "0",
+    extend: Annotated[Optional[str], valued_option(
+        "--extend", "BEFORE,AFTER", "Widen each event: onset BEFORE earlier, offset AFTER later (64ms,128ms or "
+        "seconds; one value = both), never past the middle of the gap to the next event of its class.",
+        _EV)] = None,
     tune_labels: Annotated[Optional[Path], valued_option("--tune-labels", "LABELS", "Pick each class's threshold "
         "for the best event F1 on these strong labels (label store or id,onset,offset,label TSV) of "
         "--tune-features.", _EV)] = None,
@@ -88,7 +92,8 @@ def predict_cmd(
                       min_duration=_seconds_or_zero(min_duration, "--min-duration"), chunk=_chunk_seconds(chunk),
                       skip_bad=skip_bad, overwrite=overwrite, json_out=json_out,
                       data=data, max_memory=memory_bytes(max_memory), encoder=encoder,
-                      decode=_decode_options(low, min_gap, tune_labels, tune_features, events, segment_classes))
+                      decode=_decode_options(low, min_gap, tune_labels, tune_features, events, segment_classes,
+                                             extend))
     write_json(summary, json_out)
     _report_written(summary, output, json_out, events, frame_scores)
 
@@ -117,7 +122,21 @@ def _seconds_or_zero(spec: str, option: str) -> float:
     return parse_duration(spec, option)
 
 
-def _decode_options(low, min_gap, tune_labels, tune_features, events, segment_classes=False) -> dict:
+def _extend_seconds(spec: Optional[str]) -> tuple[float, float]:
+    """--extend BEFORE,AFTER (or one value for both) -> (before, after) seconds, each >= 0."""
+    from pllcli.errors import UsageError
+    if spec is None:
+        return (0.0, 0.0)
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) not in (1, 2) or not all(parts):
+        raise UsageError(f"--extend: give BEFORE,AFTER or one value (e.g. 0,128ms), got {spec!r}")
+    before, after = (_seconds_or_zero(p, "--extend") for p in (parts * 2)[:2])
+    if before < 0 or after < 0:
+        raise UsageError(f"--extend must not be negative, got {spec!r}")
+    return (before, after)
+
+
+def _decode_options(low, min_gap, tune_labels, tune_features, events, segment_classes=False, extend=None) -> dict:
     """The event-decoding options beyond threshold / median / min-duration, for `predict(decode=)`."""
     from pllcli.errors import UsageError
     if (tune_labels is None) != (tune_features is None):
@@ -125,7 +144,7 @@ def _decode_options(low, min_gap, tune_labels, tune_features, events, segment_cl
     if tune_labels is not None and events is None:
         raise UsageError("--tune-labels tunes event thresholds; give --events FILE too")
     return {"low": low, "min_gap": _seconds_or_zero(min_gap, "--min-gap"), "segment_classes": segment_classes,
-            "tune": None if tune_labels is None else (tune_features, tune_labels)}
+            "tune": None if tune_labels is None else (tune_features, tune_labels), "extend": _extend_seconds(extend)}
 
 
 def _report_written(summary: dict, output: str, json_out, events, frame_scores) -> None:
