@@ -153,16 +153,21 @@ def extend_events(events: Iterable, before: float, after: float, duration: float
 
 
 def dilate(scores: np.ndarray, before: int, after: int) -> np.ndarray:
-    """Scores (T,) or (T, C) -> max over frames [t - after, t + before]: above any threshold a
-    run starts `before` frames earlier and ends `after` frames later (frame-score `extend`)."""
+    """Scores (T,) or (T, C) -> max over frames [t - after, t + before] (before + after >= 0; frames
+    outside the clip count as 0): above any threshold a run starts `before` frames earlier and ends
+    `after` frames later, a negative value moving that boundary the other way (frame-score
+    `extend`; e.g. before -1, after 1 shifts the scores one frame later)."""
     s = np.asarray(scores, dtype=np.float64)
-    if before <= 0 and after <= 0:
+    before, after = int(before), int(after)
+    if before == 0 and after == 0:
         return s
-    before, after = max(0, int(before)), max(0, int(after))
-    pad = [(after, before)] + [(0, 0)] * (s.ndim - 1)
-    p = np.pad(s, pad, mode="constant", constant_values=-np.inf)
-    win = np.lib.stride_tricks.sliding_window_view(p, before + after + 1, axis=0)
-    return win.max(axis=-1)
+    if before + after < 0:
+        raise UsageError(f"dilate: before + after must be >= 0 frames, got {before} and {after}")
+    p = max(abs(before), abs(after))
+    padded = np.pad(s, [(p, p)] + [(0, 0)] * (s.ndim - 1), mode="constant", constant_values=0.0)
+    win = np.lib.stride_tricks.sliding_window_view(padded, before + after + 1, axis=0)  # (T + 2p - w + 1, ..., w)
+    start = p - after
+    return win[start:start + len(s)].max(axis=-1)
 
 
 def events_to_frames(events: Iterable, classes: Sequence[str], num_frames: int, hop: float) -> np.ndarray:

@@ -216,4 +216,7 @@ def test_decode_events_extend_and_dilate_agree():
     assert np.allclose(d, [0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.8, 0.8, 0.8, 0.8])
     assert decode_events(d[:, None], ["x"], 0.1, 0.5) == [Event(0.1, 1.0, "x")]  # merged: scores overlap
     assert np.array_equal(dilate(p, 0, 0), p)
+    assert np.allclose(dilate(p, -1, 1), [0, 0, 0, 0.9, 0.9, 0, 0, 0, 0.8, 0])  # one frame later
+    ev = decode_events(p[:, None], ["x"], 0.1, 0.5, extend=(-0.1, 0.1))          # events alike
+    assert [(e.onset, e.offset) for e in ev] == [(0.3, 0.5), (0.8, 0.9)]
     assert np.allclose(dilate(np.eye(3), 0, 1), [[1, 0, 0], [1, 1, 0], [0, 1, 1]])   # (T, C): per class

@@ -177,7 +177,7 @@ def test_extend_widens_decoded_events_and_is_validated(tmp_path):
     assert ev.read_text().splitlines()[1].split("\t") == ["a", "0.200", "0.700", "x"]
     from pllcli.cli.predict import _extend_seconds
     assert _extend_seconds("64ms,0.128") == (0.064, 0.128) and _extend_seconds("0.1") == (0.1, 0.1)
-    assert _extend_seconds(None) == (0.0, 0.0)
-    for bad in ("1,2,3", "x", "-0.1"):
+    assert _extend_seconds(None) == (0.0, 0.0) and _extend_seconds("-64ms,0.2") == (-0.064, 0.2)
+    for bad in ("1,2,3", "x", "-", "0.1,"):
         with pytest.raises(UsageError, match="--extend"):
             _extend_seconds(bad)

@@ -52,7 +52,8 @@ def predict_cmd(
                                             "(100ms, 0.1 or 0 = never).", _EV)] = "0",
     extend: Annotated[Optional[str], valued_option(
         "--extend", "BEFORE,AFTER", "Widen each event: onset BEFORE earlier, offset AFTER later (64ms,128ms or "
-        "seconds; one value = both), never past the middle of the gap to the next event of its class.",
+        "seconds; one value = both; -64ms,128ms moves onsets later), never past the middle of the gap to the "
+        "next event of its class.",
         _EV)] = None,
     tune_labels: Annotated[Optional[Path], valued_option("--tune-labels", "LABELS", "Pick each class's threshold "
         "for the best event F1 on these strong labels (label store or id,onset,offset,label TSV) of "
@@ -123,16 +124,16 @@ def _seconds_or_zero(spec: str, option: str) -> float:
 
 
 def _extend_seconds(spec: Optional[str]) -> tuple[float, float]:
-    """--extend BEFORE,AFTER (or one value for both) -> (before, after) seconds, each >= 0."""
+    """--extend BEFORE,AFTER (or one value for both) -> (before, after) seconds; a leading '-'
+    moves that boundary inwards (-64ms,128ms: onsets 64 ms later, offsets 128 ms later)."""
     from pllcli.errors import UsageError
     if spec is None:
         return (0.0, 0.0)
     parts = [p.strip() for p in spec.split(",")]
-    if len(parts) not in (1, 2) or not all(parts):
-        raise UsageError(f"--extend: give BEFORE,AFTER or one value (e.g. 0,128ms), got {spec!r}")
-    before, after = (_seconds_or_zero(p, "--extend") for p in (parts * 2)[:2])
-    if before < 0 or after < 0:
-        raise UsageError(f"--extend must not be negative, got {spec!r}")
+    if len(parts) not in (1, 2) or not all(p.lstrip("-") for p in parts):
+        raise UsageError(f"--extend: give BEFORE,AFTER or one value (e.g. 0,128ms or -64ms,128ms), got {spec!r}")
+    before, after = ((-1.0 if p.startswith("-") else 1.0) * _seconds_or_zero(p.lstrip("-"), "--extend")
+                     for p in (parts * 2)[:2])
     return (before, after)
 
 
