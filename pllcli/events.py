@@ -134,22 +134,28 @@ def extend_events(events: Iterable, before: float, after: float, duration: float
     label (events stay apart); an event shrunk to nothing is dropped."""
     if before == 0 and after == 0:
         return [Event(*e) for e in events]
-    by_label: dict[str, list[Event]] = defaultdict(list)
+    by_label: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for e in events:
-        by_label[str(e[2])].append(Event(float(e[0]), float(e[1]), str(e[2])))
-    out = []
-    for lab, evs in by_label.items():
-        evs.sort()
-        for k, (on, off, _) in enumerate(evs):
-            lo = 0.0 if k == 0 else (evs[k - 1].offset + on) / 2
-            hi = (float("inf") if duration is None else float(duration)) if k == len(evs) - 1 \
-                else (off + evs[k + 1].onset) / 2
-            a = on - before if before <= 0 else max(on - before, min(lo, on))
-            b = off + after if after <= 0 else min(off + after, max(hi, off))
-            a, b = max(0.0, a), b if duration is None else min(float(duration), b)
-            if b > a:
-                out.append(Event(round(a, 6), round(b, 6), lab))
+        by_label[str(e[2])].append((float(e[0]), float(e[1])))
+    out = [Event(w[0], w[1], lab) for lab, spans in by_label.items()
+           for w in widen_spans(sorted(spans), before, after, duration) if w is not None]
     return sorted(out, key=lambda e: (e.onset, e.label))
+
+
+def widen_spans(spans: Sequence[tuple[float, float]], before: float, after: float,
+                duration: float | None = None) -> list[tuple[float, float] | None]:
+    """`extend_events` for one label's spans sorted by onset, index for index (None: shrunk to
+    nothing)."""
+    out: list[tuple[float, float] | None] = []
+    for k, (on, off) in enumerate(spans):
+        lo = 0.0 if k == 0 else (spans[k - 1][1] + on) / 2
+        hi = (float("inf") if duration is None else float(duration)) if k == len(spans) - 1 \
+            else (off + spans[k + 1][0]) / 2
+        a = on - before if before <= 0 else max(on - before, min(lo, on))
+        b = off + after if after <= 0 else min(off + after, max(hi, off))
+        a, b = max(0.0, a), b if duration is None else min(float(duration), b)
+        out.append((round(a, 6), round(b, 6)) if b > a else None)
+    return out
 
 
 def dilate(scores: np.ndarray, before: int, after: int) -> np.ndarray:
@@ -320,7 +326,7 @@ def read_events_tsv(path, classes: Sequence[str] | None = None, durations: dict[
 
 __all__ = ["Event", "decode_items", "frame_hop", "median_filter", "median_frames", "binarize", "decode_events",
            "events_to_frames", "format_events_tsv", "write_events_tsv", "write_frame_scores_tsv", "write_frame_scores",
-           "read_events_tsv", "parse_thresholds", "extend_events", "dilate", "tune_thresholds", "when_segments",
+           "read_events_tsv", "parse_thresholds", "extend_events", "widen_spans", "dilate", "tune_thresholds", "when_segments",
            "segment_means",
            "label_segments", "events_at_peaks", "segment_frame_ranges", "likely_tags",
            "sliding_windows", "overlap_average"]

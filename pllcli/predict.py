@@ -303,9 +303,9 @@ def _segment_class_rows(model, meta, fs, feats, offsets, res, classes, dev, batc
     """WHEN/WHO checkpoints: events = WHEN segments, each named by the likely tag that WHO scores
     highest on the segment's own frames (`events.label_segments`), not every tag of the clip.
     WHEN(t) is recovered from the transcription P(t, c) = WHEN(t) WHO(c) at the top WHO class;
-    `decode["extend"]` widens the named segments (`events.extend_events`)."""
-    from pllcli.events import (extend_events, label_segments, likely_tags, parse_thresholds, segment_frame_ranges,
-                               when_segments)
+    `decode["extend"]` widens the named segments (`events.widen_spans`)."""
+    from pllcli.events import (label_segments, likely_tags, parse_thresholds, segment_frame_ranges, when_segments,
+                               widen_spans)
     from pllcli.training.data import InMemoryFeatures
     extend = decode.get("extend") or (0.0, 0.0)
     if (meta.get("model") or {}).get("name") != "whenwho":
@@ -328,11 +328,9 @@ def _segment_class_rows(model, meta, fs, feats, offsets, res, classes, dev, batc
     rows, k = [], 0
     for i, cid in enumerate(fs.ids):
         n = len(segs[i])
-        named = label_segments(segs[i], seg_who[k:k + n], classes, likely_tags(who[i]))
-        if any(extend) and len(named) == n:  # named[j] is segment j; segments widen as one class
-            wide = extend_events([(on, off, "event") for on, off in segs[i]], *extend,
-                                 duration=float(fs.durations[i]))
-            named = [e._replace(onset=w.onset, offset=w.offset) for e, w in zip(named, wide)]
+        wide = widen_spans(segs[i], *extend, duration=float(fs.durations[i]))  # segments widen as one class
+        keep = [j for j, w in enumerate(wide) if w is not None]
+        named = label_segments([wide[j] for j in keep], seg_who[k:k + n][keep], classes, likely_tags(who[i]))
         rows += [(str(cid), e.onset, e.offset, e.label) for e in named]
         k += n
     return rows

@@ -203,6 +203,9 @@ def test_extend_events_stops_at_the_gap_middle_and_the_clip():
     assert extend_events([(0.1, 0.5, "a")], -0.1, -0.1) == [Event(0.2, 0.4, "a")]  # negative: inwards
     assert extend_events([(0.1, 0.3, "a")], -0.1, -0.1) == []                      # shrunk to nothing
     assert extend_events(evs, 0.0, 0.0) == [Event(*e) for e in evs]
+    from pllcli.events import widen_spans
+    # index for index: the short middle span shifted 0.2 s later with its end kept is gone (None)
+    assert widen_spans([(0.0, 0.5), (1.0, 1.1), (1.5, 2.0)], -0.2, 0.0) == [(0.2, 0.5), None, (1.7, 2.0)]
 
 
 def test_decode_events_extend_and_dilate_agree():
