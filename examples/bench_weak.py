@@ -30,6 +30,14 @@ and strong.tsv. Runs (same network, epochs and seed everywhere):
   I  `crnn_attention_mt`: G's attention CRNN plus a mean-teacher consistency (clip + frame
      probabilities, MSE, EMA teacher) on the unlabeled clips, DCASE task 4 baseline style;
      `crnn_attention_mt_ema` scores the EMA teacher.
+  J  decoding of the per-event rows (F): `_extended` (--extend BEFORE AFTER: segments widened,
+     `events.extend_events`, WHEN dilated alike for PSDS) and `_tuned` (--tune-decoder N: WHEN
+     threshold, median, min-gap and the (before, after) widening, a negative before = onsets later,
+     tuned on N unlabeled clips with their strong labels, `tune_per_event`); with --student,
+     `crnn_per_event_student`: a class-wise CRNN trained on the training clips' per-event
+     events of that decoder (named among the clip's true tags) as frame targets.
+  --when-stride 1 gives WHEN/WHO 32 ms output frames; --save-base / --load-base keep and reuse the
+  base run's weights (OUT/<base run>_s<stride>.pt), so decoding rows need no retraining.
 Figures: WHO mAP / lwlrap / d' (test clips), WHEN frame AUC (any event active at a frame;
 frames of 64 ms) and clip AUC; for event outputs collar-based event F1 (200 ms onset collar,
 offset collar max(200 ms, 20 % of length)), segment F1 (1 s), and PSDS1 / PSDS2 (DCASE
@@ -153,37 +161,105 @@ def event_metrics(D, when, who, frame_lengths, hop_out, threshold=0.3):
     return sed_metrics(D, est, frames, hop_out)
 
 
-def per_event_metrics(D, model, pred, hop_out, in_hop, threshold=0.5, tag_threshold=0.5) -> dict:
-    """WHEN segments named per event -> {"whenwho_per_event": each segment gets the likely tag
-    (WHO >= tag_threshold, else the top class) that WHO scores highest on the segment alone,
-    "whenwho_peak": one event per likely tag, the segment where WHO scores that tag highest}.
-    Frame scores for PSDS: WHEN(t) x WHO(segment) inside segments, WHEN(t) x WHO(clip) elsewhere."""
-    from pllcli.events import (events_at_peaks, label_segments, likely_tags, segment_frame_ranges,
-                               when_segments)
-    crops, segs_of = [], {}
-    for i, cid in enumerate(D["te_ids"]):
+def per_event_outputs(D, model, pred, ids, X, L, hop_out, in_hop, threshold=0.5, tag_threshold=0.5,
+                      decode=None, extend=(0.0, 0.0), tags=None, cache=None, crop_extended=False):
+    """WHEN segments of clips `ids` (inputs X (N, T, F), L (N,); `pred` of predict_when_who) named
+    per event -> (best {id: events}: each segment gets the likely tag (WHO >= tag_threshold, else
+    the top class; or the clip's `tags` rows (N, C) when given) that WHO scores highest on the
+    segment alone, peak {id: events}: one event per likely tag where WHO scores it highest,
+    frames {id: (T', C)}: WHEN(t) x WHO(segment) inside segments, WHEN(t) x WHO(clip) elsewhere).
+    `decode` (default DECODE) and the WHEN `threshold` give the segments, `extend` = (before,
+    after) seconds widens them (`events.widen_spans`; the frame scores' WHEN is dilated alike),
+    WHO names them on the segment's frames before widening (after, with `crop_extended`).
+    `cache`: a dict of WHO segment scores kept across calls."""
+    from pllcli.events import (dilate, events_at_peaks, label_segments, likely_tags, segment_frame_ranges,
+                               when_segments, widen_spans)
+    decode = DECODE if decode is None else decode
+    cache = {} if cache is None else cache
+    segs_of, crops_of, todo = {}, {}, {}
+    for i, cid in enumerate(ids):
         n = int(pred["frame_lengths"][i])
-        segs_of[cid] = when_segments(pred["when"][i, :n], hop_out, threshold, duration=D["durations"][cid], **DECODE)
-        crops += [D["Xte"][i, a:b].numpy() for a, b in segment_frame_ranges(segs_of[cid], in_hop, int(D["Lte"][i]))]
-    seg_who = predict_when_who(model, *pad_features(crops))["who"] if crops else None
-    best, peak, frames, k = {}, {}, {}, 0
-    for i, cid in enumerate(D["te_ids"]):
-        who, segs = pred["who"][i], segs_of[cid]
-        tags = likely_tags(who, tag_threshold)
-        sw = seg_who[k:k + len(segs)] if segs else np.zeros((0, len(who)))
-        k += len(segs)
-        best[cid] = [tuple(e) for e in label_segments(segs, sw, D["classes"], tags)]
+        segs = when_segments(pred["when"][i, :n], hop_out, threshold, duration=D["durations"][cid], **decode)
+        wide = widen_spans(segs, *extend, duration=D["durations"][cid])
+        keep = [k for k, w in enumerate(wide) if w is not None]
+        segs_of[cid] = ([segs[k] for k in keep], [wide[k] for k in keep])
+        crops_of[cid] = segment_frame_ranges(segs_of[cid][1 if crop_extended else 0], in_hop, int(L[i]))
+        for a, b in crops_of[cid]:
+            if (cid, a, b) not in cache:
+                todo[(cid, a, b)] = X[i, a:b].numpy()
+    if todo:
+        for key, row in zip(todo, predict_when_who(model, *pad_features(list(todo.values())))["who"]):
+            cache[key] = row
+    before, after = (int(np.floor(e / hop_out + 0.5)) for e in extend)
+    best, peak, frames = {}, {}, {}
+    for i, cid in enumerate(ids):
+        who, (segs, wide) = pred["who"][i], segs_of[cid]
+        clip_tags = np.flatnonzero(tags[i]).tolist() if tags is not None else likely_tags(who, tag_threshold)
+        sw = np.array([cache[(cid, a, b)] for a, b in crops_of[cid]]) if segs else np.zeros((0, len(who)))
+        named = label_segments(wide, sw, D["classes"], clip_tags)   # one per segment, in onset order
         n = int(pred["frame_lengths"][i])
-        when = pred["when"][i, :n, None]
+        when = dilate(pred["when"][i, :n], before, after)[:, None]
         fr, evidence = when * who[None, :], np.zeros((n, len(who)))
-        for (on, off), row in zip(segs, sw):
+        for (on, off), row in zip(wide, sw):
             a, b = int(on / hop_out), int(np.ceil(off / hop_out))
             fr[a:b] = when[a:b] * row[None, :]
             evidence[a:b] = row[None, :]
-        peak[cid] = [tuple(e) for e in events_at_peaks(segs, evidence, hop_out, D["classes"], tags)]
+        best[cid] = [tuple(e) for e in named]
+        peak[cid] = [tuple(e) for e in events_at_peaks(wide, evidence, hop_out, D["classes"], clip_tags)]
         frames[cid] = fr
-    return {"whenwho_per_event": sed_metrics(D, best, frames, hop_out),
-            "whenwho_peak": sed_metrics(D, peak, frames, hop_out)}
+    return best, peak, frames
+
+
+def per_event_metrics(D, model, pred, hop_out, in_hop, threshold=0.5, tag_threshold=0.5, decode=None,
+                      extend=(0.0, 0.0), suffix="", crop_extended=False) -> dict:
+    """Figures of `per_event_outputs` on the test clips -> {"whenwho_per_event<suffix>",
+    "whenwho_peak<suffix>"}."""
+    best, peak, frames = per_event_outputs(D, model, pred, D["te_ids"], D["Xte"], D["Lte"], hop_out, in_hop,
+                                           threshold, tag_threshold, decode, extend, crop_extended=crop_extended)
+    return {f"whenwho_per_event{suffix}": sed_metrics(D, best, frames, hop_out),
+            f"whenwho_peak{suffix}": sed_metrics(D, peak, frames, hop_out)}
+
+
+TUNE_GRID = {"threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "median": (0.064, 0.192, 0.32), "min_gap": (0.0, 0.1, 0.2),
+             "extend": tuple((b, f) for b in (-0.128, -0.064, -0.032, 0.0, 0.032, 0.064)
+                             for f in (0.0, 0.064, 0.128, 0.192, 0.256) if b + f >= 0),  # before < 0: onsets later
+             "crop_extended": (False, True)}
+
+
+def tune_per_event(D, model, hop_out, in_hop, clips: int = 300, grid=None) -> dict:
+    """Decoder of `per_event_outputs` tuned on `clips` of the unlabeled clips (never trained on in
+    the base run) with their strong labels, coordinate ascent from DECODE / threshold 0.5 / no
+    extension over `grid` (default TUNE_GRID; "extend" = (before, after) pairs, searched jointly) on
+    event F1 + segment F1 + PSDS1 (one pass per parameter, twice) -> {"params", "objective",
+    "validation": figures, "clips", "evaluated"}."""
+    grid = TUNE_GRID if grid is None else grid
+    ids = [cid for cid in D["un_ids"][:clips]]
+    if not ids:
+        raise SystemExit("--tune-decoder: the corpus has no unlabeled clips to tune on")
+    X, L = D["Xun"][:len(ids)], D["Lun"][:len(ids)]
+    pred = predict_when_who(model, X, L)
+    V = dict(D, te_ids=ids)
+    cache, seen = {}, {}
+
+    def value(p):
+        key = tuple(sorted(p.items()))
+        if key not in seen:
+            dec = {"median": p["median"], "min_duration": DECODE["min_duration"], "min_gap": p["min_gap"]}
+            best, _, frames = per_event_outputs(V, model, pred, ids, X, L, hop_out, in_hop, p["threshold"],
+                                                decode=dec, extend=tuple(p["extend"]), cache=cache,
+                                                crop_extended=p["crop_extended"])
+            m = sed_metrics(V, best, frames, hop_out)
+            seen[key] = (m["event_f1_micro"] + m["segment_f1_micro"] + m.get("psds1", 0.0), m)
+            log.info("tune %s: %.4f", p, seen[key][0])
+        return seen[key]
+
+    p = {"threshold": 0.5, "median": DECODE["median"], "min_gap": DECODE["min_gap"], "extend": (0.0, 0.0),
+         "crop_extended": False}
+    for _ in range(2):
+        for name, values in grid.items():
+            p[name] = max(values, key=lambda v: value(dict(p, **{name: v}))[0])
+    obj, m = value(p)
+    return {"params": p, "objective": obj, "validation": m, "clips": len(ids), "evaluated": len(seen)}
 
 
 def _crnn(D, a):
@@ -437,6 +513,27 @@ def run_students(D, a, hop_out, results, models) -> None:
             log.info("%s: %s", n, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[n].items()})
 
 
+def per_event_student(D, a, teacher, hop_out, decode_kw: dict) -> dict:
+    """`crnn_per_event_student`: a class-wise attention CRNN trained on the training clips' weak
+    tags plus hard frame targets (N, T', C) = the teacher's per-event WHEN/WHO events (named among
+    the clip's true tags, `per_event_outputs` with `decode_kw`) rasterised at the CRNN's frame hop."""
+    from pllcli.events import events_to_frames
+    X, L = D["Xtr"], D["Ltr"]
+    pred = predict_when_who(teacher, X, L)
+    ids = [f"train{i}" for i in range(len(X))]
+    V = dict(D, durations={cid: float(L[i]) * D["hop"] for i, cid in enumerate(ids)})
+    best, _, _ = per_event_outputs(V, teacher, pred, ids, X, L, hop_out, D["hop"], tags=np.asarray(D["Ytr"]),
+                                   **decode_kw)
+    crnn_hop = D["hop"] * 2
+    targets = [events_to_frames(best[cid], D["classes"], int(L[i]) // 2 + 1, crnn_hop).astype(np.float32)
+               for i, cid in enumerate(ids)]
+    t0 = time.perf_counter()
+    student = fit_crnn(D, "attention", a, X, L, D["Ytr"], frame_targets=pad_features(targets)[0])
+    return {"train_seconds": round(time.perf_counter() - t0, 1), "pseudo_events": int(sum(map(len, best.values()))),
+            "teacher_decoder": {k: (list(v) if isinstance(v, tuple) else v) for k, v in decode_kw.items()},
+            **crnn_metrics(D, student, crnn_hop)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", type=Path)
@@ -468,6 +565,20 @@ def main(argv=None):
     ap.add_argument("--psl-targets", choices=("raw", "peak", "hard"), default="hard",
                     help="frame targets of psl_frames (see frame_targets)")
     ap.add_argument("--mt-decay", type=float, default=0.99, help="mean-teacher EMA decay")
+    ap.add_argument("--when-stride", type=int, default=2,
+                    help="time pooling of the WHEN/WHO trunks (2: 64 ms output frames, 1: 32 ms)")
+    ap.add_argument("--save-base", action="store_true",
+                    help="save the base run's weights and test predictions to OUT/<base run>_s<stride>.pt")
+    ap.add_argument("--load-base", type=Path, default=None,
+                    help="a --save-base file: the base run's weights instead of training it (same data options)")
+    ap.add_argument("--extend", type=float, nargs=2, default=None, metavar=("BEFORE", "AFTER"),
+                    help="also score the per-event rows with segments widened by these seconds (`_extended`)")
+    ap.add_argument("--tune-decoder", type=int, default=0, metavar="CLIPS",
+                    help="also score the per-event rows with the decoder tuned on this many unlabeled clips "
+                         "(strong labels; `_tuned`, see tune_per_event)")
+    ap.add_argument("--student", action="store_true",
+                    help="crnn_per_event_student: a CRNN trained on the base run's per-event pseudo-strong labels "
+                         "(tuned decoder with --tune-decoder)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(a.threads)
@@ -475,16 +586,18 @@ def main(argv=None):
     if a.mel_pool is None:
         a.mel_pool = 1 if a.encoder else 2
     D = load(a.data, a.out, a.encoder, align=not a.no_encoder_align)
+    D["un_ids"] = [r["id"] for _, r in Table(a.data / "clips.csv", required=["id", "split"])
+                   if r["split"] == "unlabeled"]   # the order of load()'s Xun
     if a.mel_pool > 1:
         for k in ("Xtr", "Xte", "Xun"):
             X = D[k]
             F_ = X.shape[2] // a.mel_pool * a.mel_pool
             D[k] = X[:, :, :F_].reshape(X.shape[0], X.shape[1], F_ // a.mel_pool, a.mel_pool).mean(-1).contiguous()
     if a.limit:
-        for k in ("Xtr", "Ltr", "Ytr", "Xte", "Lte", "Yte", "te_ids", "Xun", "Lun"):
+        for k in ("Xtr", "Ltr", "Ytr", "Xte", "Lte", "Yte", "te_ids", "Xun", "Lun", "un_ids"):
             D[k] = D[k][:a.limit]
     C = len(D["classes"])
-    stride = 2
+    stride = a.when_stride
     hop_out = D["hop"] * stride
     results: dict[str, dict] = {}
 
@@ -515,14 +628,44 @@ def main(argv=None):
     wbase = dict(base, epochs=a.when_epochs or a.epochs)
     teacher = net(False)
     base_name = f"separate_{a.base_when_pooling}_hnh" + ("_balanced" if a.base_who_sampler == "balanced" else "")
-    pA = run(base_name, teacher, WeakConfig(mode="separate", when_pooling=a.base_when_pooling,
-                                           who_sampler=a.base_who_sampler, **base))
+    if a.load_base is not None:
+        saved = torch.load(a.load_base, weights_only=False)
+        teacher.load_state_dict(saved["state_dict"])
+        pA = predict_when_who(teacher, D["Xte"], D["Lte"], when_pooling=a.base_when_pooling)
+        results[base_name] = {"loaded": str(a.load_base), **who_metrics(D["Yte"], pA["who"]),
+                              **when_metrics(D, pA, hop_out)}
+    else:
+        pA = run(base_name, teacher, WeakConfig(mode="separate", when_pooling=a.base_when_pooling,
+                                               who_sampler=a.base_who_sampler, **base))
+    if pA is not None and a.save_base:
+        torch.save({"state_dict": teacher.state_dict(), "config": teacher.config, "pred": pA,
+                    "hop_out": hop_out, "mel_pool": a.mel_pool}, a.out / f"{base_name}_s{stride}.pt")
     if pA is not None:
         results["whenwho_all_tags"] = event_metrics(D, pA["when"], pA["who"], pA["frame_lengths"], hop_out)
         results[base_name].update(results["whenwho_all_tags"])
-        for name, res in per_event_metrics(D, teacher, pA, hop_out, D["hop"]).items():
+        rows = per_event_metrics(D, teacher, pA, hop_out, D["hop"])
+        if a.extend:
+            rows.update(per_event_metrics(D, teacher, pA, hop_out, D["hop"], extend=tuple(a.extend),
+                                          suffix="_extended"))
+        decode_kw = {"extend": tuple(a.extend)} if a.extend else {}
+        if a.tune_decoder:
+            tuned = tune_per_event(D, teacher, hop_out, D["hop"], a.tune_decoder)
+            p = tuned["params"]
+            decode_kw = {"threshold": p["threshold"], "extend": tuple(p["extend"]),
+                         "crop_extended": p["crop_extended"],
+                         "decode": {"median": p["median"], "min_duration": DECODE["min_duration"],
+                                    "min_gap": p["min_gap"]}}
+            rows.update(per_event_metrics(D, teacher, pA, hop_out, D["hop"], suffix="_tuned", **decode_kw))
+            rows["whenwho_per_event_tuned"]["tuning"] = tuned
+        for name, res in rows.items():
             results[name] = res
-            log.info("%s: %s", name, {k: round(v, 4) for k, v in res.items()})
+            log.info("%s: %s", name, {k: round(v, 4) for k, v in res.items() if isinstance(v, float)})
+        if a.student and (not a.only or "crnn_per_event_student" in a.only or base_name in a.only):
+            results["crnn_per_event_student"] = per_event_student(D, a, teacher, hop_out, decode_kw)
+            log.info("crnn_per_event_student: %s", {k: round(v, 4) for k, v in results["crnn_per_event_student"].items()
+                                                    if isinstance(v, float)})
+        if a.json:
+            write_json({"partial": True, "results": results}, a.json)
     models = run_crnns(D, a, hop_out, results)
     run_students(D, a, hop_out, results, models)
     del models
