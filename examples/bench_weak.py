@@ -162,7 +162,8 @@ def event_metrics(D, when, who, frame_lengths, hop_out, threshold=0.3):
 
 
 def per_event_outputs(D, model, pred, ids, X, L, hop_out, in_hop, threshold=0.5, tag_threshold=0.5,
-                      decode=None, extend=(0.0, 0.0), tags=None, cache=None, crop_extended=False):
+                      decode=None, extend=(0.0, 0.0), tags=None, cache=None, crop_extended=False,
+                      label_mode="best"):
     """WHEN segments of clips `ids` (inputs X (N, T, F), L (N,); `pred` of predict_when_who) named
     per event -> (best {id: events}: each segment gets the likely tag (WHO >= tag_threshold, else
     the top class; or the clip's `tags` rows (N, C) when given) that WHO scores highest on the
@@ -170,7 +171,8 @@ def per_event_outputs(D, model, pred, ids, X, L, hop_out, in_hop, threshold=0.5,
     frames {id: (T', C)}: WHEN(t) x WHO(segment) inside segments, WHEN(t) x WHO(clip) elsewhere).
     `decode` (default DECODE) and the WHEN `threshold` give the segments, `extend` = (before,
     after) seconds widens them (`events.widen_spans`; the frame scores' WHEN is dilated alike),
-    WHO names them on the segment's frames before widening (after, with `crop_extended`).
+    WHO names them on the segment's frames before widening (after, with `crop_extended`), mode
+    `label_mode` of `events.label_segments` ("cover": every likely tag names a segment).
     `cache`: a dict of WHO segment scores kept across calls."""
     from pllcli.events import (dilate, events_at_peaks, label_segments, likely_tags, segment_frame_ranges,
                                when_segments, widen_spans)
@@ -196,7 +198,7 @@ def per_event_outputs(D, model, pred, ids, X, L, hop_out, in_hop, threshold=0.5,
         who, (segs, wide) = pred["who"][i], segs_of[cid]
         clip_tags = np.flatnonzero(tags[i]).tolist() if tags is not None else likely_tags(who, tag_threshold)
         sw = np.array([cache[(cid, a, b)] for a, b in crops_of[cid]]) if segs else np.zeros((0, len(who)))
-        named = label_segments(wide, sw, D["classes"], clip_tags)   # one per segment, in onset order
+        named = label_segments(wide, sw, D["classes"], clip_tags, label_mode)   # one per segment, in onset order
         n = int(pred["frame_lengths"][i])
         when = dilate(pred["when"][i, :n], before, after)[:, None]
         fr, evidence = when * who[None, :], np.zeros((n, len(who)))
@@ -211,11 +213,12 @@ def per_event_outputs(D, model, pred, ids, X, L, hop_out, in_hop, threshold=0.5,
 
 
 def per_event_metrics(D, model, pred, hop_out, in_hop, threshold=0.5, tag_threshold=0.5, decode=None,
-                      extend=(0.0, 0.0), suffix="", crop_extended=False) -> dict:
+                      extend=(0.0, 0.0), suffix="", crop_extended=False, label_mode="best") -> dict:
     """Figures of `per_event_outputs` on the test clips -> {"whenwho_per_event<suffix>",
     "whenwho_peak<suffix>"}."""
     best, peak, frames = per_event_outputs(D, model, pred, D["te_ids"], D["Xte"], D["Lte"], hop_out, in_hop,
-                                           threshold, tag_threshold, decode, extend, crop_extended=crop_extended)
+                                           threshold, tag_threshold, decode, extend, crop_extended=crop_extended,
+                                           label_mode=label_mode)
     return {f"whenwho_per_event{suffix}": sed_metrics(D, best, frames, hop_out),
             f"whenwho_peak{suffix}": sed_metrics(D, peak, frames, hop_out)}
 
@@ -223,7 +226,7 @@ def per_event_metrics(D, model, pred, hop_out, in_hop, threshold=0.5, tag_thresh
 TUNE_GRID = {"threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "median": (0.064, 0.192, 0.32), "min_gap": (0.0, 0.1, 0.2),
              "extend": tuple((b, f) for b in (-0.128, -0.064, -0.032, 0.0, 0.032, 0.064)
                              for f in (0.0, 0.064, 0.128, 0.192, 0.256) if b + f >= 0),  # before < 0: onsets later
-             "crop_extended": (False, True)}
+             "crop_extended": (False, True), "label_mode": ("best", "cover")}
 
 
 def tune_per_event(D, model, hop_out, in_hop, clips: int = 300, grid=None) -> dict:
@@ -247,14 +250,14 @@ def tune_per_event(D, model, hop_out, in_hop, clips: int = 300, grid=None) -> di
             dec = {"median": p["median"], "min_duration": DECODE["min_duration"], "min_gap": p["min_gap"]}
             best, _, frames = per_event_outputs(V, model, pred, ids, X, L, hop_out, in_hop, p["threshold"],
                                                 decode=dec, extend=tuple(p["extend"]), cache=cache,
-                                                crop_extended=p["crop_extended"])
+                                                crop_extended=p["crop_extended"], label_mode=p["label_mode"])
             m = sed_metrics(V, best, frames, hop_out)
             seen[key] = (m["event_f1_micro"] + m["segment_f1_micro"] + m.get("psds1", 0.0), m)
             log.info("tune %s: %.4f", p, seen[key][0])
         return seen[key]
 
     p = {"threshold": 0.5, "median": DECODE["median"], "min_gap": DECODE["min_gap"], "extend": (0.0, 0.0),
-         "crop_extended": False}
+         "crop_extended": False, "label_mode": "best"}
     for _ in range(2):
         for name, values in grid.items():
             p[name] = max(values, key=lambda v: value(dict(p, **{name: v}))[0])
@@ -652,7 +655,7 @@ def main(argv=None):
             tuned = tune_per_event(D, teacher, hop_out, D["hop"], a.tune_decoder)
             p = tuned["params"]
             decode_kw = {"threshold": p["threshold"], "extend": tuple(p["extend"]),
-                         "crop_extended": p["crop_extended"],
+                         "crop_extended": p["crop_extended"], "label_mode": p["label_mode"],
                          "decode": {"median": p["median"], "min_duration": DECODE["min_duration"],
                                     "min_gap": p["min_gap"]}}
             rows.update(per_event_metrics(D, teacher, pA, hop_out, D["hop"], suffix="_tuned", **decode_kw))

@@ -414,18 +414,25 @@ def label_segments(segments: Sequence[tuple[float, float]], seg_scores, classes:
                    mode: str = "best") -> list[Event]:
     """Name WHEN segments. mode "best": each segment gets the class scored highest inside it
     (`seg_scores` (K, C): WHO on the segment, or `segment_means` of frame evidence) among `tags`
-    (None = all classes; empty = no events); mode "all": every tag for every segment (the clip's
-    tags, as WHEN x WHO gives them)."""
+    (None = all classes; empty = no events); mode "cover": as "best", but every tag names at least
+    one segment while there are segments enough (the assignment of distinct segments to tags with
+    the least loss of score against "best", then "best" for the other segments); mode "all": every
+    tag for every segment (the clip's tags, as WHEN x WHO gives them)."""
     cols = _tag_columns(tags, classes)
     if not cols or not len(segments):
         return []
     if mode == "all":
         events = [Event(on, off, classes[c]) for on, off in segments for c in cols]
-    elif mode == "best":
+    elif mode in ("best", "cover"):
         sc = np.asarray(seg_scores, dtype=np.float64).reshape(len(segments), len(classes))[:, cols]
-        events = [Event(on, off, classes[cols[int(np.argmax(row))]]) for (on, off), row in zip(segments, sc)]
+        pick = np.argmax(sc, axis=1)
+        if mode == "cover" and 1 < len(cols) <= len(segments):
+            from scipy.optimize import linear_sum_assignment
+            rows, tag_cols = linear_sum_assignment(sc.max(1, keepdims=True) - sc)   # loss of each (segment, tag)
+            pick[rows] = tag_cols
+        events = [Event(on, off, classes[cols[int(k)]]) for (on, off), k in zip(segments, pick)]
     else:
-        raise UsageError(f"unknown segment labelling {mode!r} (best or all)")
+        raise UsageError(f"unknown segment labelling {mode!r} (best, cover or all)")
     return sorted(events, key=lambda e: (e.onset, e.label))
 
 

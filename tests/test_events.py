@@ -223,3 +223,17 @@ def test_decode_events_extend_and_dilate_agree():
     ev = decode_events(p[:, None], ["x"], 0.1, 0.5, extend=(-0.1, 0.1))          # events alike
     assert [(e.onset, e.offset) for e in ev] == [(0.3, 0.5), (0.8, 0.9)]
     assert np.allclose(dilate(np.eye(3), 0, 1), [[1, 0, 0], [1, 1, 0], [0, 1, 1]])   # (T, C): per class
+
+
+def test_label_segments_cover_names_every_tag_once_at_least():
+    from pllcli.events import label_segments
+    sc = np.array([[0.9, 0.8, 0.1], [0.95, 0.3, 0.1], [0.2, 0.1, 0.9]])   # 3 segments x classes a, b, c
+    segs = [(0, 1), (1, 2), (2, 3)]
+    # "best" names all three a (c is no tag); "cover" gives b the segment that loses least by it
+    # (segment 0: 0.9 - 0.8), a keeps segment 1, segment 2 takes its best tag
+    assert [e.label for e in label_segments(segs, sc, ["a", "b", "c"], ["a", "b"])] == ["a", "a", "a"]
+    assert [e.label for e in label_segments(segs, sc, ["a", "b", "c"], ["a", "b"], "cover")] == ["b", "a", "a"]
+    # fewer segments than tags: as "best"
+    assert [e.label for e in label_segments(segs[:1], sc[:1], ["a", "b", "c"], ["a", "b", "c"], "cover")] == ["a"]
+    with pytest.raises(UsageError, match="best, cover or all"):
+        label_segments(segs, sc, ["a", "b", "c"], None, "most")
