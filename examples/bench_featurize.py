@@ -4,8 +4,9 @@
     flock /tmp/pllcli-bench.lock python examples/bench_featurize.py /work/shared/data/fsdd/recordings \
         --work /work/runs/features/bench --json /work/runs/features/bench.json
 
-Every measurement runs in a fresh subprocess (so peak RSS is per measurement) with torch
-imported before the clock starts, for the naive loop and for featurize alike:
+Every measurement runs in a fresh subprocess (so peak RSS is per measurement) with its heavy
+imports done before the clock starts (torch for the naive loop; featurize's log-mel path imports
+no torch, and this child does not either, so its workers fork from a torch-free parent):
 - naive: per file soundfile.read -> torchaudio.functional.resample -> MelSpectrogram -> log,
   one file at a time, 1 torch thread, features not written (a conservative baseline);
 - featurize --jobs 1 and --jobs 2 on the corpus (manifest), HDF5 written;
@@ -48,13 +49,13 @@ def _cpu_s() -> float:
 
 
 def _child(args) -> dict:
-    import torch
-    import torchaudio  # imported before the clock, as for featurize
-    del torchaudio
-    torch.set_num_threads(1)
     from pllcli.features.config import FeatureConfig
     cfg = FeatureConfig.preset(args.preset)
     if args.child == "naive":
+        import torch
+        import torchaudio  # imported before the clock
+        del torchaudio
+        torch.set_num_threads(1)
         import soundfile as sf
         import torchaudio.functional as AF
         import torchaudio.transforms as T

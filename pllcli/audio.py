@@ -1,4 +1,5 @@
-"""Audio decoding with explicit failure reasons: soundfile decode, mono mix-down, resampling.
+"""Audio decoding with explicit failure reasons: soundfile decode, mono mix-down, resampling
+(torchaudio's sinc resampler re-done in numpy: decoding imports no torch).
 
 `load_audio(path, target_sr)` -> `Audio(samples (S,) float32 mono at target_sr, orig_sr, duration)`
 or raises `AudioSkip(reason, detail)` with a stable reason code (see `SKIP_REASONS`).
@@ -6,6 +7,7 @@ or raises `AudioSkip(reason, detail)` with a stable reason code (see `SKIP_REASO
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import stat
@@ -13,6 +15,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 MAX_CHANNELS = 2
@@ -128,6 +131,37 @@ def parse_wav(data: bytes) -> tuple[np.ndarray | None, int, int] | str | None:
     return (_wav_samples(data, dtype, scale, ch, offset, n), sr, ch)
 
 
+def peek_sample_rate(path: str | os.PathLike) -> int | None:
+    """The sample rate a regular audio file's header declares, None if it cannot be read: the
+    `fmt ` chunk of a RIFF/RF64/BW64 WAVE file from its first 64 KiB, else soundfile.info."""
+    try:  # O_NONBLOCK and a regular-file check: a FIFO among the inputs must not block the run
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            head = os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    if len(head) >= 12 and head[:4] in (b"RIFF", b"RF64", b"BW64") and head[8:12] == b"WAVE":
+        pos = 12
+        while pos + 8 <= len(head):
+            cid, clen = head[pos:pos + 4], struct.unpack_from("<I", head, pos + 4)[0]
+            if cid == b"fmt " and pos + 16 <= len(head):
+                sr = struct.unpack_from("<I", head, pos + 12)[0]
+                return sr if sr > 0 else None
+            if cid == b"data":
+                break
+            pos += 8 + clen + (clen & 1)
+    try:
+        import soundfile as sf
+        sr = sf.info(str(path)).samplerate
+    except Exception:  # noqa: BLE001 - not audio, corrupt, ...: no rate
+        return None
+    return int(sr) if sr > 0 else None
+
+
 def _read_bytes(path: str | os.PathLike, stat_out: list | None = None) -> bytes:
     """The whole file in (usually) one read(2): cheaper than open().read() for small files.
     A device, FIFO or socket is refused (AudioSkip not_regular): it could be read without end.
@@ -154,21 +188,56 @@ def _read_bytes(path: str | os.PathLike, stat_out: list | None = None) -> bytes:
         os.close(fd)
 
 
-_RESAMPLERS: dict[tuple[int, int], object] = {}
+_RESAMPLERS: dict[tuple[int, int], tuple[np.ndarray, int, int, int]] = {}
+_RESAMPLE_ROWS = 4096  # output rows (of `new` samples) per matmul
+
+
+def sinc_resample_kernel(orig_sr: int, target_sr: int, lowpass_filter_width: int = 6,
+                         rolloff: float = 0.99) -> tuple[np.ndarray, int]:
+    """(kernel (new, 2 * width + orig) float32, width) of torchaudio's "sinc_interp_hann" resampler
+    (`torchaudio.functional.functional._get_sinc_resample_kernel`, computed in float64 as
+    torchaudio.transforms.Resample does), for the gcd-reduced rates orig = orig_sr / g, new = target_sr / g."""
+    g = math.gcd(int(orig_sr), int(target_sr))
+    orig, new = int(orig_sr) // g, int(target_sr) // g
+    base = min(orig, new) * rolloff
+    width = math.ceil(lowpass_filter_width * orig / base)
+    idx = np.arange(-width, width + orig, dtype=np.float64)[None, :] / orig
+    # torchaudio divides an int64 arange there: the phase offsets are float32 values
+    t = (np.arange(0, -new, -1) / new).astype(np.float32).astype(np.float64)[:, None] + idx
+    t *= base
+    np.clip(t, -lowpass_filter_width, lowpass_filter_width, out=t)
+    window = np.cos(t * math.pi / lowpass_filter_width / 2) ** 2
+    t *= math.pi
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kernel = np.where(t == 0, 1.0, np.sin(t) / t)
+    kernel *= window * (base / orig)
+    return kernel.astype(np.float32), width
 
 
 def resample(x: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    """(S,) float32 at orig_sr -> (S',) float32 at target_sr, one cached kernel per rate pair."""
+    """(S,) float32 at orig_sr -> (ceil(S * target_sr / orig_sr),) float32 at target_sr: torchaudio's
+    Resample (sinc_interp_hann, lowpass_filter_width 6, rolloff 0.99) in numpy, one cached kernel per rate pair."""
     if orig_sr == target_sr:
         return x
-    import torch
-    import torchaudio
     key = (int(orig_sr), int(target_sr))
-    rs = _RESAMPLERS.get(key)
-    if rs is None:
-        rs = _RESAMPLERS[key] = torchaudio.transforms.Resample(orig_sr, target_sr)
-    with torch.inference_mode():
-        return rs(torch.from_numpy(np.ascontiguousarray(x))[None])[0].numpy()
+    got = _RESAMPLERS.get(key)
+    if got is None:
+        g = math.gcd(*key)
+        kernel, width = sinc_resample_kernel(*key)
+        got = _RESAMPLERS[key] = (np.ascontiguousarray(kernel.T), width, key[0] // g, key[1] // g)
+    kernel_t, width, orig, new = got  # kernel_t: (2 * width + orig, new)
+    x = np.asarray(x, dtype=np.float32)
+    n = len(x)
+    xp = np.zeros(n + 2 * width + orig, dtype=np.float32)
+    xp[width:width + n] = x
+    # output j * new + p = kernel[p] . xp[j * orig : j * orig + K]: conv1d with stride orig, phases interleaved
+    frames = sliding_window_view(xp, len(kernel_t))[::orig]  # (n // orig + 1, K), a view
+    y = np.empty((len(frames), new), dtype=np.float32)
+    for a in range(0, len(frames), _RESAMPLE_ROWS):  # blocks: matmul copies its strided input
+        np.matmul(frames[a:a + _RESAMPLE_ROWS], kernel_t, out=y[a:a + _RESAMPLE_ROWS])
+    # torchaudio: ceil of new * n / orig computed in float64, held as a float32 tensor
+    target = int(np.ceil(np.float32(new * n / orig)))
+    return y.reshape(-1)[:target]
 
 
 def _check_rate(sr: int) -> None:

@@ -96,15 +96,18 @@ def test_fbank_matches_torchaudio_kaldi(preset):
 @pytest.mark.parametrize("preset", ["speech8k", "fbank8k"])
 def test_batched_extraction_equals_one_at_a_time(preset):
     from pllcli.features.compute import compute_features
+    from pllcli.features.np_frontend import build_np_frontend
     c = FeatureConfig.preset(preset)
-    fe = c.make_frontend()
+    fe, nfe = c.make_frontend(), build_np_frontend(c)
     lens = [50, 512, 513, 592, 4000, 3999, 8000, 1234]
     waves = [_tone(n, seed=i) for i, n in enumerate(lens)]
     got = compute_features(waves, c, batch_samples=20000, max_items=3)
     for w, g in zip(waves, got):
-        ref = fe(torch.from_numpy(w)[None])[0].numpy()
-        assert g.shape == ref.shape == (c.num_frames(len(w)), c.n_mels)
-        np.testing.assert_array_equal(g, ref)  # bitwise: batching must not change a clip's numbers
+        one = nfe(w[None])[0]
+        assert g.shape == one.shape == (c.num_frames(len(w)), c.n_mels)
+        np.testing.assert_array_equal(g, one)  # bitwise: batching must not change a clip's numbers
+        ref = fe(torch.from_numpy(w)[None])[0].numpy()  # the torch frontend (export's definition)
+        np.testing.assert_allclose(g, ref, atol=1e-4, rtol=0)
     if preset == "speech8k":  # frames = 1 + (S - n_fft) // hop, at least 1
         assert [g.shape[0] for g in got] == [1, 1, 1, 2, 44, 44, 94, 10]
     else:  # fbank frames use win_length 200
@@ -322,7 +325,7 @@ def test_resample_matches_torchaudio_and_is_cached(tmp_path):
     sf.write(tmp_path / "a.flac", x, 44100)
     a = A.load_audio(tmp_path / "a.flac", 8000)
     ref = AF.resample(torch.from_numpy(sf.read(tmp_path / "a.flac", dtype="float32")[0])[None], 44100, 8000)[0]
-    np.testing.assert_allclose(a.samples, ref.numpy(), atol=1e-6)
+    np.testing.assert_allclose(a.samples, ref.numpy(), atol=1e-5)
     assert len(a.samples) == 800 and (44100, 8000) in A._RESAMPLERS
     k = A._RESAMPLERS[(44100, 8000)]
     A.load_audio(tmp_path / "a.flac", 8000)

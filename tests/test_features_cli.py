@@ -27,6 +27,12 @@ def _wave(n, seed):
     return (0.2 * np.sin(2 * np.pi * (200 + 50 * seed) * t) + 0.02 * rng.standard_normal(n)).astype(np.float32)
 
 
+def _np_features(c, x):
+    """(T, F) features of one clip by featurize's numpy frontend (what the store must hold bitwise)."""
+    from pllcli.features.np_frontend import build_np_frontend
+    return build_np_frontend(c)(x[None])[0]
+
+
 def cli(*args):
     return run_app(app, [str(a) for a in args])
 
@@ -142,7 +148,8 @@ def test_featurize_directory_and_stdin(corpus):
     c = FeatureConfig.preset("speech8k")
     np.testing.assert_array_equal(s.num_frames, [c.num_frames(n) for n in (600, 1123)])
     x = sf.read(d / "c1.wav", dtype="float32")[0]
-    np.testing.assert_array_equal(s.get("c1"), c.make_frontend()(torch.from_numpy(x)[None])[0].numpy())
+    np.testing.assert_array_equal(s.get("c1"), _np_features(c, x))
+    np.testing.assert_allclose(s.get("c1"), c.make_frontend()(torch.from_numpy(x)[None])[0].numpy(), atol=1e-4)
 
 
 def test_bad_inputs_are_skipped_with_reasons(corpus, capsys):
@@ -187,7 +194,7 @@ def test_bad_inputs_are_skipped_with_reasons(corpus, capsys):
     assert err.startswith("error: ") and "duplicate id 'ok0'" in err and "Traceback" not in err
     m2 = root / "bad2.csv"
     m2.write_text("id,path\nok0,audio/c0.wav\nnan,bad/nan.wav\n")
-    assert cli("featurize", m2, "-o", root / "s.h5", "--strict") == 1
+    assert cli("featurize", m2, "-o", root / "s.h5", "--strict", "-p", "speech8k") == 1  # -p: no auto notice
     err = capsys.readouterr().err
     assert f"{m2}:3: nan: non_finite" in err and len(err.strip().splitlines()) == 1
     assert not (root / "s.h5").exists()
@@ -501,7 +508,8 @@ def test_sample_rate_0_is_a_bad_file(corpus, capsys, jobs):
     assert {s["id"]: s["reason"] for s in r["skipped"]} == {"z": "corrupt", "z24": "corrupt"}
     assert list(FeatureStore(root / f"sr{jobs}.h5").ids) == ["c0", "c1"]
     capsys.readouterr()
-    assert cli("featurize", m, "-o", root / f"st{jobs}.h5", "--jobs", jobs, "--chunk-size", "1", "--strict") == 1
+    assert cli("featurize", m, "-o", root / f"st{jobs}.h5", "--jobs", jobs, "--chunk-size", "1", "--strict",
+               "-p", "speech8k") == 1  # -p: no auto notice, the error alone
     err = capsys.readouterr().err
     assert f"{m}:3: z: corrupt (sample rate 0 in the header) in {root / 'sr0.wav'}" in err, err
     assert len(err.strip().splitlines()) == 1, err
@@ -545,7 +553,7 @@ def test_max_duration_cuts_and_reports(tmp_path, capsys):
     assert "cut to the first 1 s of 3 s" in r["warnings"][0]["detail"]
     # the cut features are the first second's
     x = sf.read(tmp_path / "long.wav", dtype="float32")[0][:SR]
-    np.testing.assert_array_equal(fs.get("long"), c.make_frontend()(torch.from_numpy(x)[None])[0].numpy())
+    np.testing.assert_array_equal(fs.get("long"), _np_features(c, x))
     capsys.readouterr()
     assert cli("featurize", tmp_path, "-o", tmp_path / "d.h5", "--max-duration", "1.5m") == 0
     assert cli("featurize", tmp_path, "-o", tmp_path / "e.h5", "--max-duration", "soon") == 2
@@ -570,7 +578,7 @@ def test_disk_full_is_one_line_and_keeps_store_and_journal(corpus, capsys, monke
         return real(self, blocks)
     monkeypatch.setattr(FeatureStoreWriter, "add_blocks", failing)
     capsys.readouterr()
-    assert cli("featurize", man, "-o", out, "--overwrite", "--chunk-size", "2") == 1
+    assert cli("featurize", man, "-o", out, "--overwrite", "--chunk-size", "2", "-p", "speech8k") == 1  # no notice
     err = capsys.readouterr().err
     line = err.strip().splitlines()
     assert len(line) == 1 and line[0].startswith(f"error: {out}: no space left on device (wrote ") \
@@ -593,7 +601,7 @@ def test_disk_full_while_journaling_names_the_short_write(corpus, capsys, monkey
         f_bavail, f_frsize = 0, 4096
     monkeypatch.setattr(J.np.lib.format, "write_array", short)
     monkeypatch.setattr(J.os, "statvfs", lambda p: Full)
-    assert cli("featurize", man, "-o", root / "j.h5") == 1
+    assert cli("featurize", man, "-o", root / "j.h5", "-p", "speech8k") == 1  # -p: the error alone, no notice
     err = capsys.readouterr().err
     assert err.strip() == f"error: {root / 'j.h5'}: no space left on device (wrote 506651 of 764160 bytes)"
     assert not list((root / "j.h5.parts").glob(".*"))  # no half-written part
@@ -606,7 +614,7 @@ def test_a_second_run_on_one_output_is_refused(corpus, capsys):
     parts = root / "l.h5.parts"
     lock_journal(parts, str(out))  # as a run in progress holds it (another open file: flock conflicts)
     try:
-        assert cli("featurize", man, "-o", out) == 1
+        assert cli("featurize", man, "-o", out, "-p", "speech8k") == 1
         assert capsys.readouterr().err.strip() == f"error: another pllcli run is writing {out} (pid {os.getpid()})"
         assert not out.exists()
     finally:
@@ -681,7 +689,7 @@ def test_old_spellings_still_work_with_a_warning(corpus, capsys):
 def test_cli_choices_are_the_librarys():
     from pllcli.cli import featurize as cmd
     from pllcli.features import config as C
-    assert [p.value for p in cmd.Preset] == list(C.PRESETS)
+    assert [p.value for p in cmd.Preset] == [C.AUTO_PRESET, *C.PRESETS]
     # frontend "encoder" is chosen with --encoder SPEC, not --frontend
     assert tuple(f.value for f in cmd.Frontend) + ("encoder",) == C.FRONTENDS
     assert tuple(t.value for t in cmd.Dtype) == C.DTYPES

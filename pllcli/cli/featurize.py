@@ -12,9 +12,10 @@ from pllcli.cli._options import Jobs, Shard, Strict, output_or_positional
 _DEFAULT_CHUNK = 256  # = pllcli.features.extract.DEFAULT_CHUNK (checked by a test; not imported: keeps --help fast)
 
 
-# The closed choices, = pllcli.features.config PRESETS / FRONTENDS / DTYPES (checked by a test;
-# not imported: keeps --help fast).
+# The closed choices, = pllcli.features.config AUTO_PRESET + PRESETS / FRONTENDS / DTYPES (checked
+# by a test; not imported: keeps --help fast).
 class Preset(str, Enum):
+    auto = "auto"
     speech8k = "speech8k"
     speech16k = "speech16k"
     fbank8k = "fbank8k"
@@ -37,14 +38,16 @@ def featurize_cmd(
         "relative paths resolve against the manifest's folder), a directory scanned recursively, "
         "a Kaldi data directory (wav.scp, optional segments, utt2spk, text), a lhotse manifest "
         "(cuts or recordings JSONL, .jsonl.gz too, or a folder with recordings + supervisions), "
-        "or '-' for a manifest on stdin."))],
+        "one audio file, or '-' for a manifest on stdin."))],
     legacy_output: Annotated[Optional[Path], typer.Argument(
         metavar="OUTPUT", hidden=True, help="Deprecated: use -o/--output.")] = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", metavar="PATH", help="Feature store to write (.h5); required.")] = None,
     preset: Annotated[Preset, typer.Option("--preset", "-p", help=(
-        "Feature preset: speech8k (8 kHz log-mel 64 x 25/10 ms), speech16k, fbank8k, fbank16k."))]
-    = Preset.speech8k,
+        "Feature preset: speech8k (8 kHz log-mel 64 x 25/10 ms), speech16k (16 kHz, up to 8 kHz), "
+        "fbank8k, fbank16k (Kaldi fbank); auto: speech16k if the first 16 files of the input are all "
+        ">= 16 kHz, else speech8k (a notice on stderr says which and why)."))]
+    = Preset.auto,
     frontend: Annotated[Optional[Frontend], typer.Option("--frontend", help="Override: logmel or fbank.")] = None,
     sample_rate: Annotated[Optional[int], typer.Option("--sample-rate", "--sr", help="Override: target rate (Hz).")] = None,
     n_mels: Annotated[Optional[int], typer.Option("--n-mels", help="Override: mel bins.")] = None,
@@ -91,7 +94,7 @@ def featurize_cmd(
 
     from pllcli.cli._state import settings
     from pllcli.errors import StrictModeError, UsageError
-    from pllcli.features.config import config_from_options, encoder_config
+    from pllcli.features.config import AUTO_PRESET, AutoPreset, config_from_options, encoder_config
     from pllcli.features.extract import DEFAULT_CHUNK, featurize
     from pllcli.io import parse_duration, parse_shard, write_json
 
@@ -106,6 +109,8 @@ def featurize_cmd(
         if given:
             raise UsageError(f"--encoder sets the frames itself; drop --{given[0].replace('_', '-')}")
         config = encoder_config(encoder, dtype and dtype.value)
+    elif preset.value == AUTO_PRESET:  # chosen by featurize from the input's first files
+        config = AutoPreset(dict(overrides, dtype=dtype and dtype.value))
     else:
         config = config_from_options(preset.value, dtype=dtype and dtype.value, **overrides)
     exts = tuple(e.strip() for e in ext.split(",") if e.strip()) if ext else None

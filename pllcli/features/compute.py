@@ -1,5 +1,9 @@
 """featurize's compute step: decode a chunk of files, then features of many clips in
-length-sorted, padded batches (bitwise the numbers of one clip at a time)."""
+length-sorted, padded batches (bitwise the numbers of one clip at a time).
+
+Log-mel and fbank go through the numpy frontends (`np_frontend`, no torch import; they agree
+with the torch modules of `frontend`, the definition export uses, to float32 rounding);
+`--encoder` frames go through the encoder (torch / onnxruntime)."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -17,15 +21,17 @@ _FRONTENDS: dict[str, Any] = {}
 
 
 def _frontend(config: FeatureConfig):
+    """The numpy frontend of a log-mel / fbank config, built once per process."""
     key = config.to_json()
     fe = _FRONTENDS.get(key)
     if fe is None:
-        fe = _FRONTENDS[key] = config.make_frontend()
+        from pllcli.features.np_frontend import build_np_frontend
+        fe = _FRONTENDS[key] = build_np_frontend(config)
     return fe
 
 
 def warm_up(config: FeatureConfig) -> None:
-    """Build the frontend and run it once (lazy imports, FFT plans) so forked workers inherit it all."""
+    """Build the frontend and run it once (filterbanks, FFT plans) so forked workers inherit it all."""
     compute_features([np.zeros(2 * config.frame_length, dtype=np.float32)], config)
 
 
@@ -38,34 +44,32 @@ def stacked_features(waves: Sequence[np.ndarray], config: FeatureConfig, batch_s
     """
     if config.frontend == "encoder":
         return encoder_features(waves, config)[:2]
-    import torch
     fe = _frontend(config)
     lens = np.fromiter((len(w) for w in waves), dtype=np.int64, count=len(waves))
     fl, hop = config.frame_length, config.hop_length
     frames = np.where(lens <= fl, 1, 1 + (lens - fl) // hop)  # config.num_frames, vectorised
     starts = np.concatenate([[0], np.cumsum(frames)]).tolist()
     nfr = frames.tolist()
-    out = torch.empty((starts[-1], config.n_mels), dtype=torch.float32)
+    out = np.empty((starts[-1], config.n_mels), dtype=np.float32)
     order = np.argsort(lens, kind="stable").tolist()
     padded = np.maximum(lens, fl).tolist()  # a batch is at least one frame long
     n, i = len(order), 0
-    with torch.inference_mode():
-        while i < n:
-            # grow the batch while the padded size (count x longest) stays within budget
-            j = min(n, i + max_items, i + max(1, batch_samples // padded[order[i]]))
-            while j > i + 1 and (j - i) * padded[order[j - 1]] > batch_samples:
-                j -= 1
-            idx = order[i:j]
-            batch = np.zeros((len(idx), padded[idx[-1]]), dtype=np.float32)
-            for r, k in enumerate(idx):
-                batch[r, :len(waves[k])] = waves[k]
-            power = fe.power(torch.from_numpy(batch))  # (b, T, n_freq)
-            for r, k in enumerate(idx):
-                # the mel matmul runs per clip on exactly its own frames: bitwise the same
-                # result whatever batch the clip landed in (shards, chunk sizes, jobs)
-                fe.mel_into(power[r, :nfr[k]], out[starts[k]:starts[k + 1]])
-            i = j
-    return out.numpy(), frames
+    while i < n:
+        # grow the batch while the padded size (count x longest) stays within budget
+        j = min(n, i + max_items, i + max(1, batch_samples // padded[order[i]]))
+        while j > i + 1 and (j - i) * padded[order[j - 1]] > batch_samples:
+            j -= 1
+        idx = order[i:j]
+        batch = np.zeros((len(idx), padded[idx[-1]]), dtype=np.float32)
+        for r, k in enumerate(idx):
+            batch[r, :len(waves[k])] = waves[k]
+        power = fe.power(batch)  # (b, T, n_freq)
+        for r, k in enumerate(idx):
+            # the mel matmul runs per clip on exactly its own frames: bitwise the same
+            # result whatever batch the clip landed in (shards, chunk sizes, jobs)
+            fe.mel_into(power[r, :nfr[k]], out[starts[k]:starts[k + 1]])
+        i = j
+    return out, frames
 
 
 def encoder_features(waves: Sequence[np.ndarray], config: FeatureConfig) -> tuple[np.ndarray, np.ndarray, list[int]]:

@@ -192,6 +192,40 @@ PRESETS: dict[str, dict[str, Any]] = {
                      n_mels=64, fmin=20.0, fmax=0.0, log_offset=KALDI_EPS),
 }
 DEFAULT_PRESET = "speech8k"
+AUTO_PRESET = "auto"   # featurize's default: speech16k or speech8k by the rates of the first files
+AUTO_FILES = 16        # files whose header rates --preset auto reads
+
+
+@dataclass(frozen=True)
+class AutoPreset:
+    """featurize's `--preset auto`: the preset is chosen from the input's first AUTO_FILES files
+    (`choose`), then `overrides` (config_from_options keywords, None = keep) apply to it."""
+    overrides: dict = dataclasses.field(default_factory=dict)
+
+    def choose(self, rates: "list[int | None]") -> tuple[FeatureConfig, str, str]:
+        """(config, preset name, one-line notice) for the header rates of the first files (None = unreadable)."""
+        name, notice = auto_preset(rates)
+        return config_from_options(name, **self.overrides), name, notice
+
+
+def auto_preset(rates: "list[int | None]") -> tuple[str, str]:
+    """(preset, notice): speech16k if every readable rate is >= 16 kHz, else speech8k."""
+    seen = [r for r in rates if r]
+    counts: dict[int, int] = {}
+    for r in seen:
+        counts[r] = counts.get(r, 0) + 1
+    listed = ", ".join(f"{r} Hz" + (f" x{n}" if len(counts) > 1 else "") for r, n in sorted(counts.items()))
+    many = len(rates) > 1
+    what = f"the first {len(rates)} files" if many else "the input file"
+    if seen and min(seen) >= 16000:
+        name, why = "speech16k", f"{what} {'are all' if many else 'is'} >= 16 kHz ({listed})"
+    elif seen and max(seen) < 16000:
+        name, why = "speech8k", f"{what} {'are all' if many else 'is'} below 16 kHz ({listed})"
+    elif seen:
+        name, why = "speech8k", f"{what} include rates below 16 kHz ({listed}); higher rates are resampled to 8 kHz"
+    else:
+        name, why = "speech8k", f"no sample rate could be read from {what}"
+    return name, f"featurize: preset {name} (auto: {why}); pass --preset {'|'.join(PRESETS)} to choose"
 
 
 def config_from_options(preset: str, **overrides) -> FeatureConfig:

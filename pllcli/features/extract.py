@@ -1,7 +1,7 @@
 """`featurize`: audio files -> feature store, batched, parallel, sharded, resumable.
 
-Pipeline: the input list (`inputs`: manifest, directory, Kaldi data dir or lhotse
-manifest) is cut into chunks of `chunk_size` files by position. A process decodes a
+Pipeline: the input list (`inputs`: manifest, directory, Kaldi data dir, lhotse
+manifest or one audio file) is cut into chunks of `chunk_size` files by position. A process decodes a
 chunk, featurizes it (`compute`) and journals it as `OUT.parts/part-NNNNNN.npys`
 (`journal`). With --jobs N the parent and N-1 forked workers take chunks from one shared
 counter (`pool`); workers send back only a small summary and the parent, the only writer
@@ -23,10 +23,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pllcli.audio import AUDIO_EXTENSIONS, SKIP_REASONS
+from pllcli.audio import AUDIO_EXTENSIONS, SKIP_REASONS, peek_sample_rate
 from pllcli.errors import InputError, StrictModeError, UsageError
 from pllcli.features.compute import decode_chunk, stacked_features, warm_up
-from pllcli.features.config import FeatureConfig
+from pllcli.features.config import AUTO_FILES, AutoPreset, FeatureConfig
 from pllcli.features.inputs import Item, Skip, chunk_bounds, duplicate_flags, resolve_inputs, shard_slice
 from pllcli.features.journal import (
     PART_SUFFIX, Journal, load_part, open_journal, part_path, unlock_journal, write_part,
@@ -85,6 +85,7 @@ class _Job:
     on_chunk: Callable[[int], None] | None
     max_duration: float | None
     t0: float
+    preset_auto: dict | None = None  # how --preset auto chose (None: the config was given)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class _Plan:
     chunks: list[list[Item]]
     meta_cols: list[str]
     kind: str
+    head: list[str]            # the first AUTO_FILES distinct paths of the whole input (--preset auto)
 
 
 def _where(src: str, line: int, path: str) -> str:
@@ -117,7 +119,21 @@ def _plan(src: str, shard: tuple[int, int], chunk_size: int, strict: bool, exten
         d = dups[0]
         raise StrictModeError(f"{_where(src, d.line, d.path)}: duplicate id {d.id!r} ({d.detail}) and --strict is set")
     chunks = [items[a:b] for a, b in chunk_bounds(len(items), chunk_size)]
-    return _Plan(items, dups, chunks, meta_cols, kind)
+    head: dict[str, None] = {}
+    for it in all_items:  # of the whole input, not of the shard: every shard chooses alike
+        if len(head) == AUTO_FILES:
+            break
+        head.setdefault(it.path)
+    return _Plan(items, dups, chunks, meta_cols, kind, list(head))
+
+
+def _choose_preset(auto: AutoPreset, plan: _Plan) -> tuple[FeatureConfig, dict]:
+    """--preset auto: the config for the header rates of the input's first files, and the summary's
+    record of the choice; the notice goes to the log (stderr)."""
+    rates = [peek_sample_rate(p) for p in plan.head]
+    config, name, notice = auto.choose(rates)
+    log.info("%s", notice)
+    return config, {"preset": name, "files": len(rates), "rates": [r or 0 for r in rates], "notice": notice}
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -237,9 +253,10 @@ def _is_disk_full(e: BaseException) -> bool:
 
 def _compute(asm: _Assembler, tasks: list[tuple], jobs: int, config: FeatureConfig) -> list[int]:
     """Run the tasks (here, or here and on forked workers); the workers still to be reaped."""
-    import torch
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch = sys.modules.get("torch")  # the --encoder path imported it: one thread per process
+    prev = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
+        torch.set_num_threads(1)
     try:
         if jobs <= 1 or len(tasks) <= 1:
             asm.open_output()
@@ -250,7 +267,8 @@ def _compute(asm: _Assembler, tasks: list[tuple], jobs: int, config: FeatureConf
         return run_parallel(tasks, min(jobs, len(tasks)), process_chunk, asm.handle, started=asm.open_output,
                             idle=lambda: asm.writer.flush_columns())
     finally:
-        torch.set_num_threads(prev)
+        if torch is not None:
+            torch.set_num_threads(prev)
 
 
 def _progress_bar(progress: bool, total: int, initial: int):
@@ -261,15 +279,19 @@ def _progress_bar(progress: bool, total: int, initial: int):
                 mininterval=0.5, disable=None)  # None: no bar when stderr is not a terminal
 
 
-def featurize(src: str, out: str | Path, config: FeatureConfig, jobs: int = 1,
+def featurize(src: str, out: str | Path, config: FeatureConfig | AutoPreset, jobs: int = 1,
               shard: tuple[int, int] = (0, 1), chunk_size: int = DEFAULT_CHUNK, strict: bool = False,
               overwrite: bool = False, extensions: Sequence[str] = AUDIO_EXTENSIONS,
               progress: bool = True, on_chunk: Callable[[int], None] | None = None,
               max_duration: float | None = DEFAULT_MAX_DURATION) -> dict[str, Any]:
-    """Featurize `src` (manifest, '-', directory, Kaldi data dir or lhotse manifest) into the
-    store `out`; returns the summary dict. `overwrite` also discards the resume journal (a
-    fresh run); `on_chunk(k)` is called after chunk k is in the output."""
-    import torch  # noqa: F401 - heavy imports before the clock: wall_seconds is the work itself
+    """Featurize `src` (manifest, '-', directory, Kaldi data dir, lhotse manifest or one audio
+    file) into the store `out`; returns the summary dict. `config` may be an `AutoPreset`
+    (--preset auto): the preset then follows the rates of the input's first files. `overwrite`
+    also discards the resume journal (a fresh run); `on_chunk(k)` is called after chunk k is
+    in the output."""
+    # heavy imports before the clock (wall_seconds is the work itself); log-mel / fbank need no torch
+    if getattr(config, "frontend", None) == "encoder":
+        import torch  # noqa: F401
     if jobs <= 1:  # with workers, h5py is imported while they already work (see open_output)
         import h5py  # noqa: F401
     t0 = time.perf_counter()
@@ -280,11 +302,14 @@ def featurize(src: str, out: str | Path, config: FeatureConfig, jobs: int = 1,
     if chunk_size < 1:
         raise UsageError("--chunk-size must be >= 1")
     plan = _plan(src, shard, chunk_size, strict, extensions)
+    chosen = None
+    if isinstance(config, AutoPreset):
+        config, chosen = _choose_preset(config, plan)
     parts_dir = out.with_name(out.name + ".parts")
     run = {"feature_config_hash": config.hash(), "dtype": config.dtype, "chunk_size": chunk_size,
            "meta_columns": plan.meta_cols, "part_format": PART_SUFFIX, "chunking": "tail-thirds",
            "max_duration": max_duration, "journal": 2}
-    job = _Job(src, out, config, jobs, shard, chunk_size, strict, progress, on_chunk, max_duration, t0)
+    job = _Job(src, out, config, jobs, shard, chunk_size, strict, progress, on_chunk, max_duration, t0, chosen)
     journal = open_journal(parts_dir, str(out), run, plan.chunks, fresh=overwrite)
     try:
         return _featurize_locked(job, plan, journal)
@@ -299,7 +324,8 @@ def _featurize_locked(job: _Job, plan: _Plan, journal: Journal) -> dict[str, Any
     if journal.done or journal.chunks_redone:
         log.info("resuming: %d of %d chunks already done in %s; %d chunk(s) redone (%d file(s) changed since)",
                  len(journal.done), len(plan.chunks), journal.folder, journal.chunks_redone, journal.files_changed)
-    listed = job.src if plan.kind == "manifest" or Path(job.src).is_file() else None  # a file to checksum
+    # a listing file to checksum (not a single audio input: it may be large, and it is the data itself)
+    listed = job.src if plan.kind == "manifest" or (plan.kind != "file" and Path(job.src).is_file()) else None
     attrs = {"provenance": provenance(inputs={"input": listed}, params={
         "jobs": job.jobs, "chunk_size": job.chunk_size, "input_kind": plan.kind})}
     if job.shard[1] > 1:
@@ -351,5 +377,6 @@ def _summary(job: _Job, plan: _Plan, journal: Journal, asm: _Assembler, files_re
         "frames": asm.writer.rows, "wall_seconds": round(wall, 3),
         "x_real_time": round(asm.audio_run / wall, 1) if wall > 0 else None,
         "feature_config": config.to_dict(), "feature_config_hash": config.hash(),
+        **({"preset_auto": job.preset_auto} if job.preset_auto else {}),
         "reasons": {k: SKIP_REASONS[k] for k in by_reason if k in SKIP_REASONS},
     }

@@ -60,10 +60,19 @@ def scan_directory(root: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> l
     return [Item(iid, full, 0) for _, iid, full in found]
 
 
+def is_audio_file(src: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> bool:
+    """True if `src` is an existing file whose extension is one of `extensions` (a single audio input)."""
+    exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
+    return src != "-" and os.path.splitext(src)[1].lower() in exts and os.path.isfile(src)
+
+
 def resolve_inputs(src: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> tuple[list[Item], list[str], str]:
     """(items, meta columns, kind) for a manifest file, '-' (stdin manifest), a Kaldi data
-    directory, a lhotse manifest (file or folder) or a directory of audio files.
-    kind: "manifest", "kaldi", "lhotse" or "directory"."""
+    directory, a lhotse manifest (file or folder), a directory of audio files or one audio
+    file (id = its name without extension).
+    kind: "manifest", "kaldi", "lhotse", "directory" or "file"."""
+    if is_audio_file(src, extensions):
+        return [Item(Path(src).stem, os.path.abspath(src), 0)], [], "file"
     if src != "-" and Path(src).is_dir() and (Path(src) / KALDI_SCP).is_file():
         return (*read_kaldi_dir(src), "kaldi")
     if src != "-" and Path(src).is_dir() and is_lhotse_dir(src):
