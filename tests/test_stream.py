@@ -310,6 +310,32 @@ def test_bench_stream_script_runs_and_writes_json(tmp_path):
     assert all(r["items"] == 300 for r in rows) and "| stream | 2 | 300 |" in out.stdout
 
 
+def test_bench_stream_train_scale_writes_distinct_copies_and_rows(tmp_path):
+    """bench_stream_train.py scale on 20 generated 8 kHz clips named like FSDD: the 2x store holds
+    every clip twice under distinct ids with the same frames, and one row per store and mode."""
+    import json
+    import subprocess
+    import sys
+
+    import soundfile as sf
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        sf.write(rec / f"{i % 10}_spk_{i // 10}.wav", (0.1 * rng.standard_normal(2400)).astype(np.float32), 8000)
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "bench_stream_train.py")
+    out = subprocess.run([sys.executable, script, "scale", str(rec), "--work", str(tmp_path / "w"), "--factors", "1",
+                          "2", "--max-memory", "24M", "--json", str(tmp_path / "s.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [(r["factor"], r["mode"], r["items"], r["epochs"]) for r in rows] == [
+        (1, "memory", 20, 2), (1, "stream", 20, 2), (2, "stream", 40, 1)]  # the same steps for each store
+    one, two = FeatureStore(tmp_path / "w" / "fsdd1x.h5"), FeatureStore(tmp_path / "w" / "fsdd2x.h5")
+    assert sorted(two.ids) == sorted([f"{i}~r{k}" for i in one.ids for k in range(2)])
+    assert np.array_equal(two.get(f"{one.ids[3]}~r1"), one[3])
+
+
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_batches_arrive_on_the_device_pinned_on_cuda(fs, device):
     ref = next(iter(StreamLoader(_ds(fs, max_frames=9)).epoch(1)))
