@@ -537,6 +537,34 @@ def per_event_student(D, a, teacher, hop_out, decode_kw: dict) -> dict:
             **crnn_metrics(D, student, crnn_hop)}
 
 
+def segment_who_student(D, a, teacher, net, hop_out, decode_kw: dict):
+    """A fresh WHO (`net()`, WHO task only, class-balanced) trained on crops of the training clips'
+    per-event events (the teacher's WHEN segments named among the clip's true tags, `per_event_outputs`
+    with `decode_kw`, label mode "cover"), one-hot targets -> (model, crops). It names test segments
+    instead of the clip WHO (`whenwho_per_event_segwho`)."""
+    from pllcli.events import segment_frame_ranges
+    X, L = D["Xtr"], D["Ltr"]
+    pred = predict_when_who(teacher, X, L)
+    ids = [f"train{i}" for i in range(len(X))]
+    V = dict(D, durations={cid: float(L[i]) * D["hop"] for i, cid in enumerate(ids)})
+    kw = dict(decode_kw, label_mode="cover")
+    best, _, _ = per_event_outputs(V, teacher, pred, ids, X, L, hop_out, D["hop"], tags=np.asarray(D["Ytr"]), **kw)
+    index = {c: k for k, c in enumerate(D["classes"])}
+    crops, Y = [], []
+    for i, cid in enumerate(ids):
+        for (on, off, lab), (s0, s1) in zip(best[cid], segment_frame_ranges([e[:2] for e in best[cid]], D["hop"],
+                                                                            int(L[i]))):
+            crops.append(X[i, s0:s1].numpy())
+            Y.append(np.eye(len(D["classes"]), dtype=np.float32)[index[lab]])
+    Xs, Ls = pad_features(crops)
+    model = net()
+    torch.manual_seed(a.seed)
+    fit_when_who(model, Xs, Ls, np.stack(Y), WeakConfig(mode="separate", tasks=("who",), when_hnh=False,
+                                                         who_sampler="balanced", epochs=a.epochs,
+                                                         batch_size=a.batch_size, seed=a.seed, lr=a.lr))
+    return model, len(crops)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", type=Path)
@@ -579,6 +607,9 @@ def main(argv=None):
     ap.add_argument("--tune-decoder", type=int, default=0, metavar="CLIPS",
                     help="also score the per-event rows with the decoder tuned on this many unlabeled clips "
                          "(strong labels; `_tuned`, see tune_per_event)")
+    ap.add_argument("--segment-who", action="store_true",
+                    help="whenwho_per_event_segwho: segments named by a WHO trained on the training clips' "
+                         "per-event crops (segment_who_student; tuned decoder with --tune-decoder)")
     ap.add_argument("--student", action="store_true",
                     help="crnn_per_event_student: a CRNN trained on the base run's per-event pseudo-strong labels "
                          "(tuned decoder with --tune-decoder)")
@@ -663,6 +694,16 @@ def main(argv=None):
         for name, res in rows.items():
             results[name] = res
             log.info("%s: %s", name, {k: round(v, 4) for k, v in res.items() if isinstance(v, float)})
+        if a.segment_who:
+            t0 = time.perf_counter()
+            seg_who, n_crops = segment_who_student(D, a, teacher, lambda: net(False), hop_out, decode_kw)
+            kw = dict(decode_kw, crop_extended=True)   # it trained on crops of the widened segments
+            res = per_event_metrics(D, seg_who, pA, hop_out, D["hop"], suffix="_segwho", **kw)
+            results["whenwho_per_event_segwho"] = {"train_seconds": round(time.perf_counter() - t0, 1),
+                                                   "crops": n_crops, **res["whenwho_per_event_segwho"]}
+            log.info("whenwho_per_event_segwho: %s", {k: round(v, 4) for k, v in
+                                                      results["whenwho_per_event_segwho"].items()
+                                                      if isinstance(v, float)})
         if a.student and (not a.only or "crnn_per_event_student" in a.only or base_name in a.only):
             results["crnn_per_event_student"] = per_event_student(D, a, teacher, hop_out, decode_kw)
             log.info("crnn_per_event_student: %s", {k: round(v, 4) for k, v in results["crnn_per_event_student"].items()

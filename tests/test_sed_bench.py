@@ -137,3 +137,17 @@ def test_per_event_student_trains_on_the_teachers_named_segments(bench, monkeypa
     assert r["pseudo_events"] == int(D["Ytr"].any(1).sum())
     assert r["teacher_decoder"]["extend"] == [0.1, 0.1]
     assert 0.0 <= r["event_f1_micro"] <= 1.0 and 0.0 <= r["who_mAP"] <= 1.0
+
+
+def test_segment_who_student_trains_on_one_crop_per_named_segment(bench, monkeypatch):
+    torch.set_num_threads(1)
+    when = np.zeros(20)
+    when[5:9] = 0.9
+    monkeypatch.setattr(bench, "predict_when_who", _fake_when_who(when))
+    D = _tiny_corpus(np.random.default_rng(0))
+    a = SimpleNamespace(seed=0, batch_size=4, lr=1e-3, epochs=1)
+    net = lambda: bench.WhenWhoNet(8, 3, width=4, rnn_hidden=4, time_stride=2, shared=False)  # noqa: E731
+    dec = {"decode": {"median": 1, "min_duration": 0.0, "min_gap": 0.0}, "extend": (0.1, 0.1)}
+    model, crops = bench.segment_who_student(D, a, None, net, 0.1, dec)
+    assert crops == int(D["Ytr"].any(1).sum())          # one WHEN segment per tagged clip
+    assert isinstance(model, bench.WhenWhoNet)
