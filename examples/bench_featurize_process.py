@@ -8,7 +8,7 @@ a naive torch script, each run a fresh process timed from outside like /usr/bin/
 Rows (`--rows`, default all):
 - naive:    `python naive.py DIR OUT.npz`: import torch, torchaudio, soundfile; per file soundfile.read ->
             (torchaudio resample if needed) -> MelSpectrogram (the preset's geometry, center=False) -> log;
-            one .npz written at the end (the script is written into --work; torch's default threads);
+            one .npz written at the end (the script is written into --work; 1 torch thread);
 - jobs1, jobs2: `pllcli featurize DIR -o OUT.h5 --preset P --jobs N --overwrite`;
 - one, naive_one: the same two on a single file (`pllcli featurize ONE.wav -o x.h5`);
 - jobs1_x4, jobs2_x4: featurize on a manifest listing every file 4 times with distinct ids.
@@ -44,6 +44,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
+torch.set_num_threads(1)  # one thread, like featurize's processes (more threads only spin on a busy machine)
 src, out, sr_t, n_fft, win, hop, n_mels, fmin, fmax, off = sys.argv[1:11]
 sr_t, n_fft, win, hop, n_mels = int(sr_t), int(n_fft), int(win), int(hop), int(n_mels)
 p = Path(src)

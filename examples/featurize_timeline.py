@@ -4,8 +4,8 @@
     flock /tmp/pllcli-bench.lock python examples/featurize_timeline.py ../shared/data/fsdd/recordings \
         --repeat 4 --json /work/runs/features/timeline.json
 
-Runs `featurize --jobs 1` and `--jobs 2` in fresh processes (torch imported before the clock, as
-in bench_featurize.py) with timers wrapped around the pipeline's functions, and prints, for the
+Runs `featurize --jobs 1` and `--jobs 2` in fresh processes (no torch: featurize's log-mel path
+does not import it, as in bench_featurize.py) with timers wrapped around the pipeline's functions, and prints, for the
 median run:
 - the parent's serial work before the fork (reading the input list, preparing the journal,
   building the frontend), the fork itself, and when the worker starts its first chunk;
@@ -32,10 +32,7 @@ from pathlib import Path
 
 
 def _child(manifest: str, jobs: int, log_dir: str) -> dict:
-    import torch
-    import torchaudio  # imported before the clock, as in bench_featurize.py
-    del torchaudio
-    torch.set_num_threads(1)
+    # no torch: featurize's log-mel path does not import it (the workers fork from a torch-free parent)
     from pllcli.features import extract as X
     from pllcli.features import journal as J
     from pllcli.features import pool as P

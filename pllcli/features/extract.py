@@ -272,7 +272,7 @@ def _compute(asm: _Assembler, tasks: list[tuple], jobs: int, config: FeatureConf
 
 
 def _progress_bar(progress: bool, total: int, initial: int):
-    if not progress:
+    if not progress or not sys.stderr.isatty():  # tqdm would draw nothing: skip its import (and its mp lock)
         return None
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, unit="file", file=sys.stderr, dynamic_ncols=True, desc="featurize",

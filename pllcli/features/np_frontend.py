@@ -5,7 +5,8 @@ front of the model); these compute the same numbers to float32 rounding (max abs
 <= 1e-4 on log-mel / log-fbank, tests/test_np_frontend.py) so that `pllcli featurize` need
 not import torch. Same two-step split: `power(batch) -> (B, T, n_freq)` on a padded batch,
 then `mel_into(power (T, n_freq), out (T, F))` per clip on its own frames, so a clip's numbers
-do not depend on which clips share its batch. The filterbanks re-derive torchaudio's
+do not depend on which clips share its batch (`mel_into` = `project_into`, the per-clip matmul,
+then `log_`, elementwise, which featurize runs once over a whole chunk). The filterbanks re-derive torchaudio's
 `melscale_fbanks` (HTK, norm None) and `compliance.kaldi.get_mel_banks` in float64.
 Framing is snip-edges (see `pllcli.features.config`).
 """
@@ -101,7 +102,15 @@ class LogMel:
 
     def mel_into(self, power: np.ndarray, out: np.ndarray) -> None:
         """log-mel of one clip's contiguous (T, n_freq) power written into `out` (T, n_mels)."""
+        self.project_into(power, out)
+        self.log_(out)
+
+    def project_into(self, power: np.ndarray, out: np.ndarray) -> None:
+        """Mel energies (no log) of one clip's contiguous (T, n_freq) power into `out` (T, n_mels)."""
         np.matmul(power, self.fb, out=out)
+
+    def log_(self, out: np.ndarray) -> None:
+        """log(x + log_offset) in place, elementwise (any shape: many clips at once give the same numbers)."""
         out += self.offset
         np.log(out, out=out)
 
@@ -134,15 +143,24 @@ class KaldiFbank:
         x = _as_batch(waveform, self.win)
         frames = sliding_window_view(x, self.win, axis=-1)[:, ::self.hop]  # (B, T, win), a view
         f = frames - frames.mean(axis=-1, keepdims=True, dtype=np.float64)  # remove DC: a float64 copy
-        g = f.copy()
-        g[..., 1:] -= self.preemph * f[..., :-1]  # pre-emphasis, the first sample against itself
-        g[..., 0] -= self.preemph * f[..., 0]
+        g = np.empty_like(f)  # pre-emphasis, the first sample against itself
+        np.multiply(f[..., :-1], -self.preemph, out=g[..., 1:])
+        g[..., 1:] += f[..., 1:]
+        g[..., 0] = f[..., 0] * (1.0 - self.preemph)
         g *= self.window
         return _power_of(np.fft.rfft(g, n=self.n_fft, axis=-1))
 
     def mel_into(self, power: np.ndarray, out: np.ndarray) -> None:
         """log-fbank of one clip's contiguous (T, n_freq) power written into `out` (T, n_mels)."""
+        self.project_into(power, out)
+        self.log_(out)
+
+    def project_into(self, power: np.ndarray, out: np.ndarray) -> None:
+        """Mel energies (no log) of one clip's contiguous (T, n_freq) power into `out` (T, n_mels)."""
         np.matmul(power, self.fb, out=out)
+
+    def log_(self, out: np.ndarray) -> None:
+        """log(max(x, floor)) in place, elementwise (any shape: many clips at once give the same numbers)."""
         np.maximum(out, self.floor, out=out)
         np.log(out, out=out)
 
