@@ -599,7 +599,8 @@ def main(argv=None):
     ap.add_argument("--when-stride", type=int, default=2,
                     help="time pooling of the WHEN/WHO trunks (2: 64 ms output frames, 1: 32 ms)")
     ap.add_argument("--save-base", action="store_true",
-                    help="save the base run's weights and test predictions to OUT/<base run>_s<stride>.pt")
+                    help="save the base run's weights and test predictions to "
+                         "OUT/<base run>_s<stride>[_seed<seed>].pt")
     ap.add_argument("--load-base", type=Path, default=None,
                     help="a --save-base file: the base run's weights instead of training it (same data options)")
     ap.add_argument("--extend", type=float, nargs=2, default=None, metavar=("BEFORE", "AFTER"),
@@ -673,7 +674,8 @@ def main(argv=None):
                                                who_sampler=a.base_who_sampler, **base))
     if pA is not None and a.save_base:
         torch.save({"state_dict": teacher.state_dict(), "config": teacher.config, "pred": pA,
-                    "hop_out": hop_out, "mel_pool": a.mel_pool}, a.out / f"{base_name}_s{stride}.pt")
+                    "hop_out": hop_out, "mel_pool": a.mel_pool},
+                   a.out / f"{base_name}_s{stride}{f'_seed{a.seed}' if a.seed else ''}.pt")
     if pA is not None:
         results["whenwho_all_tags"] = event_metrics(D, pA["when"], pA["who"], pA["frame_lengths"], hop_out)
         results[base_name].update(results["whenwho_all_tags"])

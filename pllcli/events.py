@@ -326,8 +326,8 @@ def read_events_tsv(path, classes: Sequence[str] | None = None, durations: dict[
 
 __all__ = ["Event", "decode_items", "frame_hop", "median_filter", "median_frames", "binarize", "decode_events",
            "events_to_frames", "format_events_tsv", "write_events_tsv", "write_frame_scores_tsv", "write_frame_scores",
-           "read_events_tsv", "parse_thresholds", "extend_events", "widen_spans", "dilate", "tune_thresholds", "when_segments",
-           "segment_means",
+           "read_events_tsv", "parse_thresholds", "extend_events", "widen_spans", "dilate", "tune_thresholds",
+           "when_segments", "segment_means",
            "label_segments", "events_at_peaks", "segment_frame_ranges", "likely_tags",
            "sliding_windows", "overlap_average"]
 
