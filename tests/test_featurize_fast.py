@@ -47,8 +47,13 @@ try:
     main()
 except SystemExit as e:
     code = e.code
+try:  # BLAS threads of the numpy featurize loaded (dev installs have threadpoolctl)
+    from threadpoolctl import threadpool_info
+    blas = sorted({p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"})
+except ImportError:
+    blas = [1]
 print(json.dumps({"code": code, "loaded": sorted(m for m in ("torch", "torchaudio", "scipy", "rich")
-                                                  if m in sys.modules)}))
+                                                  if m in sys.modules), "blas_threads": blas}))
 """
 
 
@@ -57,11 +62,13 @@ def test_featurize_imports_no_torch(tmp_path, preset, jobs):
     # 8, 16 and 44.1 kHz files: decoding, resampling, the frontend, workers and the store, torch-free
     d = _folder(tmp_path / "a", [8000, 16000, 44100, 8000, 16000, 22050])
     out = tmp_path / "o.h5"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     p = subprocess.run([sys.executable, "-c", "import json\n" + _PROBE, str(d), "-o", str(out), "--preset", preset,
-                        "--jobs", str(jobs), "--chunk-size", "2"], capture_output=True, text=True, timeout=300)
+                        "--jobs", str(jobs), "--chunk-size", "2"], capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout.strip().splitlines()[-1])
-    assert r == {"code": 0, "loaded": []}, (r, p.stderr)
+    # no torch; one BLAS thread per process (OpenBLAS would otherwise spread each clip's matmul)
+    assert r == {"code": 0, "loaded": [], "blas_threads": [1]}, (r, p.stderr)
     assert len(FeatureStore(out)) == 6
 
 
