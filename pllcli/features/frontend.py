@@ -1,8 +1,11 @@
 """Torch frontends: waveform (B, S) -> features (B, T, F).
 
-Both modules split into `power(waveform) -> (B, T, n_freq)` and `mel(power) -> (B, T, F)`;
-featurize applies `mel` per clip on the clip's own frames so that a clip's numbers do not
-depend on which clips share its batch (GEMM kernels vary with the matrix size).
+These modules are the definition of the features (export puts them in front of the model);
+`pllcli featurize` computes the same numbers without torch in `pllcli.features.np_frontend`
+(parity tested in tests/test_np_frontend.py). Both modules split into `power(waveform) ->
+(B, T, n_freq)` and `mel(power) -> (B, T, F)`, applied per clip on the clip's own frames so
+that a clip's numbers do not depend on which clips share its batch (GEMM kernels vary with
+the matrix size).
 While torch.onnx / torch.export trace them (or with `module.export_mode = True`) both
 modules switch to export-friendly ops: framing and DFT as conv1d / matmul with a windowed
 real DFT basis, so the exported graph has no stft, unfold or complex tensors; the numbers
