@@ -193,7 +193,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fbank16k": dict(frontend="fbank", sample_rate=16000, n_fft=512, win_length=400, hop_length=160,
                      n_mels=64, fmin=20.0, fmax=0.0, log_offset=KALDI_EPS),
 }
-DEFAULT_PRESET = "speech8k"
 AUTO_PRESET = "auto"   # featurize's default: speech16k or speech8k by the rates of the first files
 AUTO_FILES = 16        # files whose header rates --preset auto reads
 
