@@ -230,3 +230,22 @@ def test_pretrain_augment_is_typed_over_the_view_defaults(cli_inproc, tmp_path, 
     assert (aug.mix_prob, aug.fill, aug.noise_std) == (0.0, "mean", 0.2)  # noise_std: the views' default
     code, _, err = cli_inproc("pretrain", tmp_path / "a.h5", "-o", tmp_path / "y.pt", "--augment", "mixprob=0")
     assert code == 2 and err.startswith("error: --augment: unknown key 'mixprob' (valid: gain_db,"), err
+
+
+@pytest.mark.parametrize("frontend,rate,user,want", [
+    ("logmel", 100.0, {}, {"shift": 10, "gain_db": 6.0}),              # the log-mel defaults, unchanged
+    ("encoder", 12.5, {}, {"shift": 1, "gain_db": 0.0}),               # 0.1 s = 1 frame; no gain on embeddings
+    ("encoder", 50.0, {"shift": 7, "gain_db": 2.0}, {"shift": 7, "gain_db": 2.0}),  # --augment wins
+    ("logmel", 100.0, {"time_masks": 0}, {"shift": 10, "time_masks": 0}),
+])
+def test_train_augment_defaults_follow_the_store_frames(frontend, rate, user, want):
+    from types import SimpleNamespace
+
+    import torch
+
+    from pllcli.training.trainer import _augment
+    feats = SimpleNamespace(frontend=frontend, sample_rate=16000, hop_length=int(16000 / rate))
+    model = SimpleNamespace(encoder=SimpleNamespace(norm=SimpleNamespace(mean=torch.zeros(4))))
+    cfg = SimpleNamespace(augment=user)
+    aug = _augment(cfg, model, feats).cfg
+    assert {k: getattr(aug, k) for k in want} == want

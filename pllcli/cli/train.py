@@ -187,7 +187,7 @@ _ValidFraction = Annotated[float, typer.Option(
 _Augment = Annotated[Optional[list[str]], typer.Option(
     "--augment", metavar="KEY=VALUE", help="Augmentation option (repeatable): gain_db, shift, time_masks, "
     "time_width, freq_masks, freq_width, freq_warp, time_warp, noise_std, mix_prob, mix_max, fill; 'none' turns "
-    "all off first.")]
+    "all off first. Defaults follow the store's frames: a 0.1 s shift, and no gain on encoder frames.")]
 _Init = Annotated[Optional[Path], typer.Option(
     "--init", metavar="CHECKPOINT", help="Load encoder weights from this checkpoint.")]
 _SegmentLabels = Annotated[bool, typer.Option(

@@ -44,6 +44,14 @@ class AugmentConfig:
         return asdict(self)
 
     @classmethod
+    def for_features(cls, frontend: str, frame_rate: float) -> "AugmentConfig":
+        """`train`'s defaults for a store's frames: the shift stays 0.1 s at any frame rate (10
+        log-mel frames, 1 frame of a 12.5 Hz encoder), and encoder frames get no gain (adding a
+        constant to log-mel changes the level; to an embedding it only adds a bias)."""
+        return cls(shift=max(0, int(round(0.1 * float(frame_rate)))),
+                   gain_db=0.0 if frontend == "encoder" else cls.gain_db)
+
+    @classmethod
     def none(cls):
         return cls(gain_db=0.0, shift=0, time_masks=0, time_width=0.0, freq_masks=0, freq_width=0)
 

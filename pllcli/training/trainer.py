@@ -77,7 +77,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg, objectives = inp.cfg, inp.objectives
     model = _build_model(cfg, inp, device)
     dist.broadcast_module(model)
-    augment = _augment(cfg, model)
+    augment = _augment(cfg, model, inp.fs.config)
     loader = _stream_loader(cfg, inp, model, dist, device) if inp.path == "stream" else None
     task = ClassifierTask(model, inp.mem, inp.labels_t, inp.item_ids, objectives, augment,
                           loader.epoch if loader is not None else _batches(cfg, inp, dist),
@@ -236,10 +236,14 @@ def _build_model(cfg: TrainConfig, inp: _Inputs, device):
     return model.to(device)
 
 
-def _augment(cfg: TrainConfig, model):
+def _augment(cfg: TrainConfig, model, features):
+    """--augment over the defaults for the store's frames (`AugmentConfig.for_features`)."""
+    import dataclasses
+
     from pllcli.training.augment import Augment, AugmentConfig
     from pllcli.spec import coerce
-    aug = AugmentConfig(**coerce(AugmentConfig, cfg.augment, "--augment"))
+    base = AugmentConfig.for_features(features.frontend, features.sample_rate / features.hop_length)
+    aug = dataclasses.replace(base, **coerce(AugmentConfig, cfg.augment, "--augment"))
     return Augment(aug, fill=model.encoder.norm.mean.detach())
 
 
