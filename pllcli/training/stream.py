@@ -210,12 +210,16 @@ def _units(seq: np.ndarray, starts: np.ndarray, a: int, b: int) -> list[np.ndarr
 class _Source:
     """One source of a worker's batches: units (row arrays, one contiguous read each) entering
     its own buffer of at most `cap` frames, `k` items per batch. With `cycle` (a Generator) the
-    units come round again in a new order when used up (an oversampled group); else it ends."""
+    units come round again in a new order when used up (an oversampled group); else it ends.
+    With `bucket` > 1 (and shuffling) a draw takes `bucket` batches' worth of buffered items at
+    random, sorts them by length and cuts them into batches that come out in random order (as
+    `epoch_batches` does: little padding); their frames stay counted until each batch leaves."""
 
-    def __init__(self, units: list, cap: int, k: int, cycle=None):
-        self.units, self.cap, self.k, self.cycle = units, cap, k, cycle
+    def __init__(self, units: list, cap: int, k: int, cycle=None, bucket: int = 1):
+        self.units, self.cap, self.k, self.cycle, self.bucket = units, cap, k, cycle, max(1, int(bucket))
         self.order, self.i, self.held, self.round = list(range(len(units))), 0, 0, 0
         self.ids, self.frames, self.rounds = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        self.queue: list = []  # cut batches of the last bucket: (ids, frames), next last
 
     def pending(self):
         if self.i == len(self.order) and self.cycle is not None and self.units:
@@ -226,7 +230,8 @@ class _Source:
 
     def fill(self, frames: np.ndarray, add) -> None:
         """Take units while they fit; `add(rows)` gives their item ids."""
-        while (u := self.pending()) is not None and (self.held + int(frames[u].sum()) <= self.cap or not len(self.ids)):
+        while (u := self.pending()) is not None and (self.held + int(frames[u].sum()) <= self.cap
+                                                     or not (len(self.ids) or self.queue)):
             self.ids = np.concatenate([self.ids, add(u)])
             self.frames = np.concatenate([self.frames, frames[u]])
             self.rounds = np.concatenate([self.rounds, np.full(len(u), self.round)])
@@ -234,6 +239,8 @@ class _Source:
             self.i += 1
 
     def draw(self, rng, shuffle: bool) -> np.ndarray:
+        if shuffle and self.bucket > 1 and self.cycle is None:
+            return self._draw_bucketed(rng)
         if len(self.ids) < self.k and self.pending() is not None:
             raise UsageError(f"the shuffle buffer ({self.cap} frames) cannot hold one batch of {self.k} items "
                              f"plus one block; raise --max-memory or lower --batch-size")
@@ -247,12 +254,33 @@ class _Source:
             new = np.flatnonzero(self.rounds != self.rounds.min())
             pick = rng.choice(old, k, replace=False) if len(old) >= k else \
                 np.concatenate([old, rng.choice(new, k - len(old), replace=False)])
-        keep = np.ones(len(self.ids), bool)
-        keep[pick] = False
         out = self.ids[pick]
         self.held -= int(self.frames[pick].sum())
-        self.ids, self.frames, self.rounds = self.ids[keep], self.frames[keep], self.rounds[keep]
+        self._drop(pick)
         return out
+
+    def _drop(self, pick: np.ndarray) -> None:
+        keep = np.ones(len(self.ids), bool)
+        keep[pick] = False
+        self.ids, self.frames, self.rounds = self.ids[keep], self.frames[keep], self.rounds[keep]
+
+    def _draw_bucketed(self, rng) -> np.ndarray:
+        if not self.queue:
+            more = self.pending() is not None
+            if len(self.ids) < self.k and more:
+                raise UsageError(f"the shuffle buffer ({self.cap} frames) cannot hold one batch of {self.k} items "
+                                 f"plus one block; raise --max-memory or lower --batch-size")
+            m = min(len(self.ids), self.k * self.bucket)
+            if more:  # whole batches only: a short one ends the source's epoch
+                m -= m % self.k
+            pick = rng.choice(len(self.ids), m, replace=False)
+            pick = pick[np.argsort(self.frames[pick], kind="stable")]
+            cuts = [pick[i:i + self.k] for i in range(0, m, self.k)]
+            self.queue = [(self.ids[cuts[j]], self.frames[cuts[j]]) for j in rng.permutation(len(cuts))]
+            self._drop(pick)
+        ids, frames = self.queue.pop()
+        self.held -= int(frames.sum())
+        return ids
 
 
 def simulate_buffers(sources: list, frames: np.ndarray, rng, shuffle: bool = True) -> WorkerPlan:
@@ -269,7 +297,7 @@ def simulate_buffers(sources: list, frames: np.ndarray, rng, shuffle: bool = Tru
     main = sources[0]
     while True:
         main.fill(frames, add)
-        if not len(main.ids):
+        if not (len(main.ids) or main.queue):
             break
         for src in sources[1:]:
             src.fill(frames, add)
@@ -308,7 +336,7 @@ class StreamDataset(IterableDataset):
                  max_frames: "int | None" = None, pad_value=None, min_frac: float = 1.0, labels=None,
                  rank: int = 0, world: int = 1, block_frames: "int | None" = None,
                  buffer_frames: int = DEFAULT_BUFFER_FRAMES, x_key: str = "x", crops: bool = True,
-                 groups: "list[tuple[np.ndarray, float]] | None" = None, batch_fn=None):
+                 groups: "list[tuple[np.ndarray, float]] | None" = None, batch_fn=None, bucket: int = 32):
         if batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
         self.path, self.offsets = store.path, np.asarray(store.offsets, np.int64)
@@ -322,6 +350,7 @@ class StreamDataset(IterableDataset):
         self.pad_value = None if pad_value is None else torch.as_tensor(pad_value).detach().float().cpu()
         self.block_frames = int(block_frames or DEFAULT_BLOCK_CHUNKS * FEATURE_CHUNK_ROWS)
         self.buffer_frames = int(buffer_frames)
+        self.bucket = max(1, int(bucket))  # batches per length-sorted draw (1: each batch drawn at random)
         self._set_groups(groups)
         self._handle = StoreHandle(store)
         self.fingerprint = _fingerprint(store.ids, self.offsets)
@@ -396,7 +425,7 @@ class StreamDataset(IterableDataset):
             if not units or only not in (None, k):
                 plans.append(WorkerPlan(np.zeros(0, np.int64), np.zeros(1, np.int64)))
                 continue
-            sources = [_Source(units, self.caps[0], self.n_main)]
+            sources = [_Source(units, self.caps[0], self.n_main, bucket=self.bucket)]
             slot, n_slots = self.rank * W + k, self.world * W
             for g, (gseq, gstarts) in enumerate(gseqs):  # each worker cycles its own share of a group
                 cnt = _split_counts(len(gseq), n_slots)
@@ -626,7 +655,8 @@ class StreamLoader:
         d = self.dataset
         # not the rank: every rank resumes from rank 0's state (the same number of batches consumed)
         return (f"seed={d.seed},B={d.batch_size},world={d.world},workers={self.num_workers},"
-                f"block={d.block_frames},buffer={d.buffer_frames},shuffle={int(d.shuffle)},groups={d.group_k}")
+                f"block={d.block_frames},buffer={d.buffer_frames},shuffle={int(d.shuffle)},groups={d.group_k},"
+                f"bucket={d.bucket}")
 
     def _worker_rows(self, n: int) -> str:
         d = self.dataset
