@@ -139,6 +139,25 @@ def test_block_reads_are_contiguous_slices_one_h5py_call_each(fs, monkeypatch):
     assert read_order(0, shuffle=False) == spans                                # inference: store order
 
 
+def test_batches_are_length_bucketed_like_the_memory_path(fs):
+    """Draws of 32 batches sorted by length: padding as small as epoch_batches' (bucket=1: the
+    old random draws pad far more); every item still once per epoch, in a seed-dependent order."""
+    from pllcli.training.data import epoch_batches
+    nf = np.diff(fs.offsets)
+
+    def padding(batches):
+        return sum(len(b) * nf[b].max() for b in batches) / sum(nf[b].sum() for b in batches)
+
+    def stream_batches(**kw):
+        p = _ds(fs, buffer_frames=20000, **kw).plan(0, 1)[0]
+        return [p.rows[b] for b in p.batches]
+    bucketed, single = stream_batches(), stream_batches(bucket=1)
+    mem = padding(epoch_batches(np.arange(len(fs)), nf, 16, 0, 0))
+    assert padding(bucketed) <= 1.1 * mem < padding(single)
+    assert sorted(np.concatenate(bucketed).tolist()) == list(range(len(fs)))
+    assert not np.array_equal(np.concatenate(bucketed), np.concatenate(stream_batches(seed=1)))
+
+
 def test_shuffle_buffer_never_holds_more_than_its_size(fs):
     for buf in (1800, 3000):
         ds = _ds(fs, buffer_frames=buf)
