@@ -275,8 +275,8 @@ def train_when_who(cfg: TrainConfig, mode: str = "separate", when_pooling: str =
 
     The engine options of `cfg` apply (epochs, batch size, optimiser, LR schedule, EMA, AMP,
     top-k, patience, --valid-fraction of the tagged clips scored by WHO mAP, --resume); flags
-    it cannot honour are refused (`check_when_who_flags`). Writes OUTDIR/best.pt, last.pt,
-    averaged.pt, log.jsonl and summary.json; returns the summary. The checkpoint's frame_logits
+    it cannot honour are refused (`check_when_who_flags`). Writes OUTDIR/model.pt (to deploy),
+    best.pt, last.pt, averaged.pt, log.jsonl and summary.json; returns the summary. The checkpoint's frame_logits
     are the transcription logit(P_WHEN(t) x P_WHO(c)), so `pllcli predict --events` and
     `pllcli evaluate` work on it as on any frame-level model.
     """
@@ -330,7 +330,7 @@ def train_when_who(cfg: TrainConfig, mode: str = "separate", when_pooling: str =
         engine.save_average(out / "averaged.pt", meta)
         summary = {"outdir": str(out), "mode": str(mode), "clips": int(len(train_i)), "valid_clips": int(len(valid_i)),
                    "features_not_in_labels": int(added), "epochs": len(history), "final": history[-1] if history else {},
-                   "checkpoint": str(out / "best.pt")}
+                   "checkpoint": str(out / "model.pt")}
         write_json(summary, out / "summary.json")
     dist.barrier()
     dist.close()
