@@ -6,15 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.test_train import _STOP, FAST, _cfg, _register_test_objectives, make_features, make_labels, run_inproc
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model_pt")
-    y = make_features(d / "f.h5")
-    make_labels(d / "l.h5", y)
-    return d, y
+from tests.test_train import _STOP, FAST, _cfg, _register_test_objectives, data, run_inproc  # noqa: F401 - the module fixture
 
 
 def _same_weights(a, b) -> bool:

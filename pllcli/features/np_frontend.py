@@ -72,7 +72,26 @@ def kaldi_mel_banks(n_mels: int, n_fft: int, sample_rate: float, low_freq: float
     return np.maximum(0.0, np.minimum(up, down))
 
 
-class LogMel:
+class _MelSteps:
+    """The steps both frontends share: `power` (theirs), then per clip the mel projection
+    (`project_into`, a matmul with `fb`) and the log (`log_`, theirs)."""
+
+    fb: np.ndarray
+
+    def mel_into(self, power: np.ndarray, out: np.ndarray) -> None:
+        """log-mel / log-fbank of one clip's contiguous (T, n_freq) power written into `out` (T, n_mels)."""
+        self.project_into(power, out)
+        self.log_(out)
+
+    def project_into(self, power: np.ndarray, out: np.ndarray) -> None:
+        """Mel energies (no log) of one clip's contiguous (T, n_freq) power into `out` (T, n_mels)."""
+        np.matmul(power, self.fb, out=out)
+
+    def __call__(self, waveform: np.ndarray) -> np.ndarray:
+        return _per_clip(self, self.power(waveform))
+
+
+class LogMel(_MelSteps):
     """Power mel spectrogram + log, as `pllcli.features.frontend.LogMel` (torchaudio
     MelSpectrogram(center=False), periodic Hann of win_length centred in n_fft, HTK mel, no norm).
 
@@ -100,25 +119,15 @@ class LogMel:
         frames = sliding_window_view(seg, self.win, axis=-1)[:, ::self.hop]  # (B, T, win), a view
         return _power_of(np.fft.rfft(frames * self.window, n=self.n_fft, axis=-1))
 
-    def mel_into(self, power: np.ndarray, out: np.ndarray) -> None:
-        """log-mel of one clip's contiguous (T, n_freq) power written into `out` (T, n_mels)."""
-        self.project_into(power, out)
-        self.log_(out)
-
-    def project_into(self, power: np.ndarray, out: np.ndarray) -> None:
-        """Mel energies (no log) of one clip's contiguous (T, n_freq) power into `out` (T, n_mels)."""
-        np.matmul(power, self.fb, out=out)
 
     def log_(self, out: np.ndarray) -> None:
         """log(x + log_offset) in place, elementwise (any shape: many clips at once give the same numbers)."""
         out += self.offset
         np.log(out, out=out)
 
-    def __call__(self, waveform: np.ndarray) -> np.ndarray:
-        return _per_clip(self, self.power(waveform))
 
 
-class KaldiFbank:
+class KaldiFbank(_MelSteps):
     """Kaldi fbank as `pllcli.features.frontend.KaldiFbank` (torchaudio.compliance.kaldi.fbank with
     dither 0, povey window, pre-emphasis 0.97, DC removal, snip_edges, power, log floor log_offset).
 
@@ -150,22 +159,12 @@ class KaldiFbank:
         g *= self.window
         return _power_of(np.fft.rfft(g, n=self.n_fft, axis=-1))
 
-    def mel_into(self, power: np.ndarray, out: np.ndarray) -> None:
-        """log-fbank of one clip's contiguous (T, n_freq) power written into `out` (T, n_mels)."""
-        self.project_into(power, out)
-        self.log_(out)
-
-    def project_into(self, power: np.ndarray, out: np.ndarray) -> None:
-        """Mel energies (no log) of one clip's contiguous (T, n_freq) power into `out` (T, n_mels)."""
-        np.matmul(power, self.fb, out=out)
 
     def log_(self, out: np.ndarray) -> None:
         """log(max(x, floor)) in place, elementwise (any shape: many clips at once give the same numbers)."""
         np.maximum(out, self.floor, out=out)
         np.log(out, out=out)
 
-    def __call__(self, waveform: np.ndarray) -> np.ndarray:
-        return _per_clip(self, self.power(waveform))
 
 
 def _per_clip(fe, power: np.ndarray) -> np.ndarray:
