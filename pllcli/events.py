@@ -36,7 +36,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-from pllcli.errors import InputError, UsageError
+from pllcli.errors import InputError, MissingExtraError, UsageError
 from pllcli.io import Table, write_text_atomic
 
 
@@ -427,7 +427,10 @@ def label_segments(segments: Sequence[tuple[float, float]], seg_scores, classes:
         sc = np.asarray(seg_scores, dtype=np.float64).reshape(len(segments), len(classes))[:, cols]
         pick = np.argmax(sc, axis=1)
         if mode == "cover" and 1 < len(cols) <= len(segments):
-            from scipy.optimize import linear_sum_assignment
+            try:
+                from scipy.optimize import linear_sum_assignment
+            except ImportError:  # scipy comes with the sed extra (sed_scores_eval), not the core install
+                raise MissingExtraError("scipy", "sed", "segment naming mode 'cover'") from None
             rows, tag_cols = linear_sum_assignment(sc.max(1, keepdims=True) - sc)   # loss of each (segment, tag)
             pick[rows] = tag_cols
         events = [Event(on, off, classes[cols[int(k)]]) for (on, off), k in zip(segments, pick)]

@@ -238,12 +238,18 @@ class _Source:
             self.held += int(frames[u].sum())
             self.i += 1
 
+    def _check_holds_a_batch(self) -> bool:
+        """Whether units are still to come; UsageError when the buffer is too small for one batch."""
+        more = self.pending() is not None
+        if len(self.ids) < self.k and more:
+            raise UsageError(f"the shuffle buffer ({self.cap} frames) cannot hold one batch of {self.k} items "
+                             f"plus one block; raise --max-memory or lower --batch-size")
+        return more
+
     def draw(self, rng, shuffle: bool) -> np.ndarray:
         if shuffle and self.bucket > 1 and self.cycle is None:
             return self._draw_bucketed(rng)
-        if len(self.ids) < self.k and self.pending() is not None:
-            raise UsageError(f"the shuffle buffer ({self.cap} frames) cannot hold one batch of {self.k} items "
-                             f"plus one block; raise --max-memory or lower --batch-size")
+        self._check_holds_a_batch()
         k = min(self.k, len(self.ids))
         if not shuffle:
             pick = np.argsort(self.frames, kind="stable")[:k]
@@ -266,10 +272,7 @@ class _Source:
 
     def _draw_bucketed(self, rng) -> np.ndarray:
         if not self.queue:
-            more = self.pending() is not None
-            if len(self.ids) < self.k and more:
-                raise UsageError(f"the shuffle buffer ({self.cap} frames) cannot hold one batch of {self.k} items "
-                                 f"plus one block; raise --max-memory or lower --batch-size")
+            more = self._check_holds_a_batch()
             m = min(len(self.ids), self.k * self.bucket)
             if more:  # whole batches only: a short one ends the source's epoch
                 m -= m % self.k
