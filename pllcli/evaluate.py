@@ -198,7 +198,7 @@ def score_checkpoint(checkpoint, features, *, batch_size: int = 32, device: str 
             detail = f" ({e})"
         raise ConfigMismatchError(f"{features}: feature config hash {fs.config_hash} differs from the "
                                   f"checkpoint's {want}{detail}; featurize the audio with the checkpoint's config")
-    from pllcli.events import frame_hop as _frame_hop
+    from pllcli.predict import clip_frame_probs
     from pllcli.training.inference import score_clips
     from pllcli.training.stream import nonfinite_rows, open_features
     classes = [str(c) for c in meta["classes"]]
@@ -217,8 +217,7 @@ def score_checkpoint(checkpoint, features, *, batch_size: int = 32, device: str 
         fp = 1.0 / (1.0 + np.exp(-res["frame_logits"]))
         for k, item in enumerate(ids):
             t = max(1, int(res["frame_lengths"][k]))
-            frame_probs[item] = fp[k, :t]
-            frame_hop[item] = _frame_hop(float(durations[k]), t)
+            frame_probs[item], frame_hop[item] = clip_frame_probs(fs.config, float(durations[k]), fp[k, :t])
     return Scores(ids=ids, classes=classes, probs=probs, task=task,
                   frame_probs=frame_probs or None, frame_hop=frame_hop or None,
                   durations=dict(zip(ids, durations.tolist())),

@@ -2,7 +2,9 @@
 
 Time convention: frame t of a (T, C) score matrix covers [t * hop, (t + 1) * hop) seconds,
 where hop = seconds per output frame (`frame_hop(duration, T)` for a model that keeps the
-whole clip, or hop_length / sample_rate x the model's time downsampling).
+whole clip, or hop_length / sample_rate x the model's time downsampling). Frames that start
+elsewhere (an encoder's frame k is centred half a receptive field after k hop) are first put on
+this grid with `on_clip_timeline`.
 
 Decoding (`decode_events`): optional median filter along time (per class), then a threshold
 (one for all classes or one per class; with `low` given, hysteresis: a run must reach
@@ -51,6 +53,22 @@ def frame_hop(duration: float, num_frames: int) -> float:
     if num_frames < 1:
         raise ValueError("num_frames must be >= 1")
     return float(duration) / num_frames
+
+
+def on_clip_timeline(scores: np.ndarray, hop: float, offset: float, duration: float) -> np.ndarray:
+    """Frame scores (T, ...) whose frame j covers [offset + j hop, offset + (j + 1) hop) -> scores
+    on this module's grid, cell t = [t hop, (t + 1) hop) for t < ceil(duration / hop): each cell
+    takes the frame that covers its centre (the first or the last frame beyond them). With offset 0
+    and duration = T hop, `scores` come back unchanged. `FeatureConfig.frame_timeline` gives hop
+    and offset of a store's frames."""
+    s = np.asarray(scores)
+    if hop <= 0:
+        raise ValueError("hop must be > 0")
+    n = max(1, int(np.ceil(float(duration) / hop - 1e-9)))
+    if offset == 0 and n == len(s):
+        return s
+    j = np.floor(((np.arange(n) + 0.5) * hop - offset) / hop).astype(np.int64)
+    return s[np.clip(j, 0, len(s) - 1)]
 
 
 def median_filter(scores: np.ndarray, size: int) -> np.ndarray:
@@ -462,11 +480,13 @@ def events_at_peaks(segments: Sequence[tuple[float, float]], evidence: np.ndarra
 
 
 def segment_frame_ranges(segments: Sequence[tuple[float, float]], hop: float, num_frames: int,
-                         min_frames: int = 4) -> list[tuple[int, int]]:
-    """[start, end) input-frame ranges (frames of `hop` seconds, clip of `num_frames`) of each
-    segment, at least `min_frames` long where the clip allows (to run a tagger on the segment)."""
+                         min_frames: int = 4, offset: float = 0.0) -> list[tuple[int, int]]:
+    """[start, end) input-frame ranges (frame k covers [offset + k hop, offset + (k + 1) hop), clip
+    of `num_frames`) of each segment, at least `min_frames` long where the clip allows (to run a
+    tagger on the segment)."""
     out = []
     for on, off in segments:
+        on, off = max(0.0, on - offset), max(0.0, off - offset)
         a = min(int(on / hop), max(0, num_frames - 1))
         b = min(num_frames, max(a + min_frames, int(np.ceil(off / hop - 1e-9))))
         out.append((max(0, min(a, b - min_frames)), b))

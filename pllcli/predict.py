@@ -267,13 +267,24 @@ def _without_bad_items(fs, feats, offsets, name, skip_bad):
 
 
 def _frame_items(fs, frame_logits, frame_lengths) -> list[tuple]:
-    """(id, frame probabilities (T, C), hop, duration) per item; each item's hop is its duration
-    over its number of valid output frames."""
-    from pllcli.events import frame_hop
+    """(id, frame probabilities (T, C) on the clip's timeline, hop, duration) per item
+    (`clip_frame_probs`)."""
     probs = 1.0 / (1.0 + np.exp(-frame_logits))
     lengths = np.maximum(1, frame_lengths.astype(np.int64))
-    return [(str(item), probs[i, :lengths[i]], frame_hop(float(fs.durations[i]), int(lengths[i])),
-             float(fs.durations[i])) for i, item in enumerate(fs.ids)]
+    out = []
+    for i, item in enumerate(fs.ids):
+        p, hop = clip_frame_probs(fs.config, float(fs.durations[i]), probs[i, :lengths[i]])
+        out.append((str(item), p, hop, float(fs.durations[i])))
+    return out
+
+
+def clip_frame_probs(config, duration: float, probs: np.ndarray) -> tuple[np.ndarray, float]:
+    """A model's output frames (T, ...) of one clip -> (frames on the clip's timeline, hop): a
+    log-mel model's T frames span the clip (hop = duration / T); an encoder's are moved to where
+    their windows are (`FeatureConfig.frame_timeline`, `events.on_clip_timeline`)."""
+    from pllcli.events import on_clip_timeline
+    hop, offset = config.frame_timeline(duration, len(probs))
+    return on_clip_timeline(probs, hop, offset, duration), hop
 
 
 def _write_frame_outputs(fs, classes, frame_logits, frame_lengths, events, frame_scores, threshold,
@@ -320,7 +331,8 @@ def _segment_class_rows(model, meta, fs, feats, offsets, res, classes, dev, batc
         segs.append(when_segments(when, hop, when_thr, median=median, min_duration=min_duration,
                                   min_gap=decode.get("min_gap") or 0.0, duration=dur))
         clip = feats[offsets[i]:offsets[i + 1]]
-        crops += [clip[a:b] for a, b in segment_frame_ranges(segs[-1], in_hop, len(clip))]
+        in_offset = fs.config.frame_timeline(dur, len(clip))[1]
+        crops += [clip[a:b] for a, b in segment_frame_ranges(segs[-1], in_hop, len(clip), offset=in_offset)]
     seg_who = np.zeros((0, len(classes)))
     if crops:
         logits = infer(model, InMemoryFeatures.from_clips(crops), None, dev, batch_size)["logits"]

@@ -180,3 +180,45 @@ def test_bench_weak_encoder_run(tmp_path, frames_onnx):
     assert rc == 0 and res["mel_pool"] == 1 and res["encoder"] == frames_onnx and res["encoder_align_frames"] == 1
     r = res["results"]["separate_attention_hnh_balanced"]
     assert 0 <= r["who_mAP"] <= 1 and 0 <= r["when_frame_auc"] <= 1
+
+
+# ------------------------------------------------------------------ chat_unseen_ceiling.py
+
+def test_voiced_parts_cut_messages_in_the_middle_of_each_pause():
+    ceiling = _script("chat_unseen_ceiling")
+    sr = 16000
+    rng = np.random.default_rng(0)
+    tone = lambda s: 0.3 * np.sin(2 * np.pi * 300 * np.arange(int(s * sr)) / sr)  # noqa: E731
+    x = np.concatenate([np.zeros(int(0.1 * sr)), tone(0.4), np.zeros(int(0.2 * sr)), tone(0.3), np.zeros(int(0.1 * sr))])
+    x = (x + 1e-3 * rng.standard_normal(len(x))).astype(np.float32)
+    parts = ceiling.voiced_parts(x, sr)
+    assert len(parts) == 2 and parts[0][0] == 0 and parts[1][1] == len(x) and parts[0][1] == parts[1][0]
+    assert parts[0][1] / sr == pytest.approx(0.6, abs=0.02)                   # the middle of the 0.2 s pause
+    short = np.concatenate([tone(0.4), np.zeros(int(0.02 * sr)), tone(0.3)]).astype(np.float32)
+    assert len(ceiling.voiced_parts(short, sr)) == 1                          # a 20 ms gap is no pause
+    assert ceiling.speech_level(tone(0.5).astype(np.float32), sr) == pytest.approx(0.3 / np.sqrt(2), rel=0.01)
+
+
+def test_chat_unseen_ceiling_rows(tmp_path, frames_onnx, capsys):
+    import soundfile as sf
+    data = tmp_path / "rec"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    t = np.arange(1600) / 8000
+    for spk, level in (("a", 0.3), ("b", 0.3), ("c", 0.02)):
+        for d in range(3):
+            for take in range(4):
+                sf.write(data / f"{d}_{spk}_{take}.wav", (level * np.sin(2 * np.pi * (200 + 300 * d) * t)
+                                                          + 1e-3 * rng.standard_normal(1600)).astype(np.float32), 8000)
+    ceiling = _script("chat_unseen_ceiling")
+    ceiling.main([str(data), "--encoder", frames_onnx, "--fold", "c", "--voices-curve", "--json", str(tmp_path / "c.json")])
+    out = json.loads((tmp_path / "c.json").read_text())
+    (row,) = out["voices"]
+    assert row["voice"] == "c" and row["speech_rms"] == pytest.approx(0.02 / np.sqrt(2), rel=0.05)
+    # the corpus noise (mean std 2.75e-3 at mean gain 0.8) over a 0.014 rms voice: 12 dB
+    assert row["corpus_snr_db"] == pytest.approx(20 * np.log10(0.02 / np.sqrt(2) * 0.8 / 0.00275), abs=0.5)
+    assert row["pair_clean"] == pytest.approx(row["word_clean"] ** 2, abs=1e-3)
+    assert [r["training_voices"] for r in out["voices_curve"]] == [1, 2]
+    assert out["folds"][0]["fold"] == "c" and "two-word ceiling" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no recordings of zed"):
+        ceiling.main([str(data), "--encoder", frames_onnx, "--fold", "zed"])

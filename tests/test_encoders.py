@@ -514,3 +514,80 @@ def test_with_encoder_relocates_same_files_and_refuses_others(tmp_path):
         cfg.with_encoder(f"onnx:{_frames_graph(tmp_path / 'b', 0.1)}")
     with pytest.raises(UsageError, match="logmel, not an encoder"):
         FeatureConfig.preset("speech8k").with_encoder(f"onnx:{tmp_path / 'moved' / 'frames.onnx'}")
+
+
+class _Energy(torch.nn.Module):
+    """(B, S) -> (B, T', 1): mean power over 0.2 s windows every 20 ms at 16 kHz (a long receptive
+    field, as speech_embedding's 0.775 s)."""
+
+    def forward(self, x):
+        w = torch.full((1, 1, 3200), 1.0 / 3200)
+        return torch.nn.functional.conv1d(x[:, None] ** 2, w, stride=320).transpose(1, 2)
+
+
+@pytest.mark.parametrize("extra, clip_s", [("", 1.0), (",min_duration=1.5s", 0.6), (",min_duration=1.5s,pad=end", 0.6)])
+def test_encoder_frames_decode_where_the_sound_is(tmp_path, extra, clip_s):
+    """An energy 'encoder' with a 0.2 s window: decoded on the clip's timeline, a 0.1 s burst gives
+    an event centred on the burst (off by under one 20 ms frame), padding and pad mode included; the
+    stored identity's geometry is the encoder's."""
+    from pllcli.encoders import identity_num_frames, identity_padding
+    from pllcli.events import decode_events
+    from pllcli.features.config import encoder_config
+    from pllcli.predict import clip_frame_probs
+    path = _export(_Energy().eval(), torch.zeros(1, 4000), tmp_path / "energy.onnx", "wave")
+    spec = f"onnx:{path},hop=320,min_samples=3200{extra}"
+    enc, cfg = build_encoder(spec), encoder_config(spec)
+    ident = enc.identity()
+    for s in (1, 3199, 3200, 9000, 24000, 30001):
+        assert identity_padding(ident, s) == enc.padding_split(s)
+        assert identity_num_frames(ident, s) == enc.num_frames(s) == cfg.num_frames(s)
+    n = int(clip_s * 16000)
+    x = np.zeros(n, np.float32)
+    x[int(0.3 * 16000):int(0.4 * 16000)] = 0.5 * np.sin(np.arange(1600, dtype=np.float32))
+    frames = enc.embed(x)
+    assert len(frames) == cfg.num_frames(n)
+    probs, hop = clip_frame_probs(cfg, clip_s, frames / frames.max())
+    assert hop == pytest.approx(0.02) and len(probs) == round(clip_s / 0.02)
+    (ev,) = decode_events(probs, ["burst"], hop, threshold=0.5)
+    assert (ev.onset + ev.offset) / 2 == pytest.approx(0.35, abs=0.02)
+    # a model that strides 2 encoder frames into one output frame: hop 40 ms, same place
+    probs2, hop2 = clip_frame_probs(cfg, clip_s, (frames / frames.max())[::2])
+    (ev2,) = decode_events(probs2, ["burst"], hop2, threshold=0.5)
+    assert hop2 == pytest.approx(0.04, rel=0.05) and (ev2.onset + ev2.offset) / 2 == pytest.approx(0.35, abs=0.04)
+
+
+_FORK_CHILD = """
+import os, sys, time
+import numpy as np, torch
+torch.set_num_threads(2)                      # any machine with 2+ cores: torch's default
+from pllcli.encoders import build_encoder
+from pllcli.features.pool import init_worker
+enc = build_encoder(sys.argv[1])              # probes the graph
+torch.set_num_threads(1)                      # what featurize's _compute does before working
+x = np.random.default_rng(0).standard_normal(32000).astype(np.float32)
+enc.embed(x)                                  # the parent's first chunk
+pid = os.fork()
+if pid == 0:
+    init_worker()
+    enc.embed(x)                              # a worker's first chunk opens its own session
+    os._exit(0)
+t0 = time.time()
+while time.time() - t0 < 30:
+    if os.waitpid(pid, os.WNOHANG)[0]:
+        sys.exit(0)
+    time.sleep(0.02)
+os.kill(pid, 9)
+sys.exit("the forked worker hung in onnxruntime")
+"""
+
+
+def test_onnx_encoder_survives_featurize_fork(tmp_path):
+    """onnxruntime is not fork-safe: a child forked after the parent ran a multi-threaded session
+    hangs in its first InferenceSession. featurize forks its --jobs workers after building the
+    encoder, at torch's default thread count (2 on any 2-core machine; this suite runs at 1)."""
+    import subprocess
+    import sys
+    graph = _export(_Energy().eval(), torch.zeros(1, 4000), tmp_path / "energy.onnx", "wave")
+    p = subprocess.run([sys.executable, "-c", _FORK_CHILD, f"onnx:{graph},hop=320,min_samples=3200"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-400:]

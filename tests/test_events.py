@@ -237,3 +237,19 @@ def test_label_segments_cover_names_every_tag_once_at_least():
     assert [e.label for e in label_segments(segs[:1], sc[:1], ["a", "b", "c"], ["a", "b", "c"], "cover")] == ["a"]
     with pytest.raises(UsageError, match="best, cover or all"):
         label_segments(segs, sc, ["a", "b", "c"], None, "most")
+
+
+def test_on_clip_timeline_moves_frames_to_where_they_start():
+    from pllcli.events import on_clip_timeline, segment_frame_ranges
+    s = np.arange(5.0)[:, None]
+    assert on_clip_timeline(s, 0.1, 0.0, 0.5) is s                                   # the log-mel grid: unchanged
+    # frames start 0.2 s into a 0.7 s clip: cells before frame 0 repeat it
+    assert on_clip_timeline(s, 0.1, 0.2, 0.7)[:, 0].tolist() == [0, 0, 0, 1, 2, 3, 4]
+    # frames start 0.1 s before the clip (a clip centred in padding): the clip begins at frame 1
+    assert on_clip_timeline(s, 0.1, -0.1, 0.3)[:, 0].tolist() == [1, 2, 3]
+    assert on_clip_timeline(s, 0.1, 0.0, 0.8)[:, 0].tolist() == [0, 1, 2, 3, 4, 4, 4, 4]
+    with pytest.raises(ValueError):
+        on_clip_timeline(s, 0.0, 0.0, 1.0)
+    # and back: a segment on the clip's timeline -> the input frames under it
+    assert segment_frame_ranges([(0.4, 0.6)], 0.1, 10, min_frames=1) == [(4, 6)]
+    assert segment_frame_ranges([(0.4, 0.6)], 0.1, 10, min_frames=1, offset=0.2) == [(2, 4)]

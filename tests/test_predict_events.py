@@ -14,6 +14,12 @@ def _logit(p):
     return np.log(p / (1 - p))
 
 
+def _view(ids, durations):
+    """What predict passes around for a log-mel feature store: ids, durations, config."""
+    from pllcli.features import FeatureConfig
+    return SimpleNamespace(ids=np.array(ids), durations=np.array(durations), config=FeatureConfig.preset("speech8k"))
+
+
 def test_events_from_frame_logits_exact(tmp_path):
     # item a: 1.0 s, 10 valid frames of 0.1 s; class "x" active on frames 2-4, "y" on 7-9.
     # item b: 0.5 s, 5 valid frames (0.1 s each) then padding that must be ignored.
@@ -23,7 +29,7 @@ def test_events_from_frame_logits_exact(tmp_path):
     pb = np.full((10, 2), 0.1)
     pb[5:, 0] = 0.99  # padding region: beyond b's 5 valid frames
     fl = _logit(np.stack([pa, pb]))
-    fs = SimpleNamespace(ids=np.array(["a", "b"]), durations=np.array([1.0, 0.5]))
+    fs = _view(["a", "b"], [1.0, 0.5])
     ev, sc = tmp_path / "ev.tsv", tmp_path / "sc.tsv"
     n = _write_frame_outputs(fs, ["x", "y"], fl, np.array([10, 5]), str(ev), str(sc), 0.5, 1, 0.0)
     assert n == 2
@@ -86,7 +92,7 @@ def test_frame_scores_folder_is_read_by_sed_scores_eval(tmp_path):
     pa = np.full((10, 2), 0.1)
     pa[2:5, 0] = 0.9
     fl = _logit(np.stack([pa, pa]))
-    fs = SimpleNamespace(ids=np.array(["a", "b"]), durations=np.array([1.0, 0.5]))
+    fs = _view(["a", "b"], [1.0, 0.5])
     _write_frame_outputs(fs, ["x", "y"], fl, np.array([10, 5]), None, str(tmp_path / "scores"), 0.5, 1, 0.0)
     back = sse.io.read_sed_scores(tmp_path / "scores")
     assert sorted(back) == ["a", "b"]
@@ -103,7 +109,7 @@ def test_per_class_threshold_hysteresis_and_gap_options(tmp_path):
     p[4, 0] = 0.7
     p[[1, 2, 4, 5], 1] = 0.9
     fl = _logit(p[None])
-    fs = SimpleNamespace(ids=np.array(["a"]), durations=np.array([1.0]))
+    fs = _view(["a"], [1.0])
     ev = tmp_path / "ev.tsv"
     _write_frame_outputs(fs, ["x", "y"], fl, np.array([10]), str(ev), None, "0.5,x=0.6", 1, 0.0,
                          {"low": "0.4", "min_gap": 0.15})
@@ -170,7 +176,7 @@ def test_extend_widens_decoded_events_and_is_validated(tmp_path):
     # class x on frames 3-4 of ten 0.1 s frames: 0.3-0.5 s; --extend 0.1,0.2 -> 0.2-0.7 s
     p = np.full((10, 1), 0.1)
     p[3:5, 0] = 0.9
-    fs = SimpleNamespace(ids=np.array(["a"]), durations=np.array([1.0]))
+    fs = _view(["a"], [1.0])
     ev = tmp_path / "ev.tsv"
     _write_frame_outputs(fs, ["x"], _logit(p[None]), np.array([10]), str(ev), None, "0.5", 1, 0.0,
                          {"extend": (0.1, 0.2)})

@@ -87,14 +87,11 @@ class Encoder:
     @property
     def target_samples(self) -> int:
         """Clips shorter than this are zero-padded to it (>= min_samples)."""
-        want = 0 if self.min_duration is None else int(round(self.min_duration * self.sample_rate))
-        return max(self.min_samples, want)
+        return _target_samples(self.min_samples, self.min_duration, self.sample_rate)
 
     def padding_split(self, num_samples: int) -> tuple[int, int]:
         """(zeros before, zeros after) a clip of `num_samples` gets before encoding."""
-        total = max(0, self.target_samples - int(num_samples))
-        left = total // 2 if self.pad == "centre" else 0
-        return left, total - left
+        return _padding_split(self.target_samples, num_samples, self.pad)
 
     def padding(self, num_samples: int) -> int:
         """Zero samples added to a clip of `num_samples` before encoding."""
@@ -152,6 +149,41 @@ class Encoder:
     def as_module(self):
         """torch nn.Module: waveform (B, S) float at sample_rate -> (B, T', D) (no padding added)."""
         raise NotImplementedError
+
+
+def _target_samples(min_samples: int, min_duration: "float | None", sample_rate: int) -> int:
+    want = 0 if min_duration is None else int(round(min_duration * sample_rate))
+    return max(int(min_samples), want)
+
+
+def _padding_split(target: int, num_samples: int, pad: str) -> tuple[int, int]:
+    total = max(0, int(target) - int(num_samples))
+    left = total // 2 if pad == "centre" else 0
+    return left, total - left
+
+
+# ---------------------------------------------------------------------- geometry of a stored identity
+
+def identity_padding(identity: dict, num_samples: int) -> tuple[int, int]:
+    """(zeros before, zeros after) the encoder of `identity` adds to a clip of `num_samples`."""
+    target = _target_samples(identity["min_samples"], identity.get("min_duration"), identity["sample_rate"])
+    return _padding_split(target, num_samples, identity.get("pad", "centre"))
+
+
+def identity_num_frames(identity: dict, num_samples: int) -> int:
+    """T' the encoder of `identity` gives for a clip of `num_samples` (padding included)."""
+    s = int(num_samples) + sum(identity_padding(identity, num_samples))
+    return 1 + max(0, s - int(identity["min_samples"])) // int(identity["hop"])
+
+
+def identity_frame_offset(identity: dict, num_samples: int) -> float:
+    """Seconds from the clip's start to where frame 0's cell begins. Frame k sees samples
+    [k hop, k hop + min_samples) of the padded clip, so its centre lies at
+    (k hop + min_samples / 2 - zeros before) / rate on the clip's own timeline; its cell is the
+    hop around that centre. Usually positive (half a receptive field late), negative for clips
+    centred in padding."""
+    left = identity_padding(identity, num_samples)[0]
+    return (int(identity["min_samples"]) / 2 - int(identity["hop"]) / 2 - left) / float(identity["sample_rate"])
 
 
 # ---------------------------------------------------------------------- specs

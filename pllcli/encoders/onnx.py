@@ -38,18 +38,31 @@ def _ort():
 
 
 class _Session:
-    """An onnxruntime session opened lazily and reopened in a forked child (featurize --jobs)."""
+    """An onnxruntime session opened lazily and reopened in a forked child (featurize --jobs).
+
+    onnxruntime is not fork-safe: once a process has run a session with an intra-op thread pool
+    (more than one thread), a child forked from it hangs for good in its first
+    `InferenceSession` (every time on this machine, even after the parent's sessions were
+    closed). So the sessions an encoder opens to probe itself are single-threaded and closed
+    (`close`), and featurize, which forks, runs at one torch thread per process: its sessions
+    open with one thread. Elsewhere (predict, export) a session takes torch's thread count.
+    """
 
     def __init__(self, path: Path):
         if not path.is_file():
             raise InputError("ONNX encoder file not found (--encoder onnx:...)", str(path))
         self.path, self._sess, self._pid = path, None, None
+        self.threads: int | None = 1   # until `close`: the encoder's probing runs
+
+    def close(self) -> None:
+        """Drop the session; the next run opens one with torch's thread count."""
+        self._sess = self._pid = self.threads = None
 
     def get(self):
         if self._sess is None or self._pid != os.getpid():
             ort = _ort()
             opts = ort.SessionOptions()
-            opts.intra_op_num_threads = max(1, _torch_threads())
+            opts.intra_op_num_threads = self.threads or max(1, _torch_threads())
             opts.inter_op_num_threads = 1
             opts.log_severity_level = 4   # failures surface as exceptions, worded here
             try:
@@ -69,7 +82,7 @@ class _Session:
         return len(self.get().get_inputs()[0].shape)
 
     def __getstate__(self):
-        return {"path": self.path, "_sess": None, "_pid": None}
+        return {"path": self.path, "_sess": None, "_pid": None, "threads": self.threads}
 
 
 def _torch_threads() -> int:
@@ -131,6 +144,11 @@ class OnnxEncoder(Encoder):
             self._verify_framing()
         self.sha256 = {k: file_sha256(p) for k, p in self.files.items()}
         self.dim = int(self._embed_padded(np.zeros(self.min_samples, np.float32)).shape[1])
+        for sess in self._sessions():   # probed on one thread; real work opens its own (see _Session)
+            sess.close()
+
+    def _sessions(self) -> list[_Session]:
+        return [self._mel, self._emb] if self.two_stage else [self._graph]
 
     # ------------------------------------------------------------------ identity
     def _declared(self) -> dict:

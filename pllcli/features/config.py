@@ -153,9 +153,30 @@ class FeatureConfig:
 
     def num_frames(self, num_samples: int) -> int:
         """Frames produced for a clip of `num_samples` samples (>= 1 for any non-empty clip)."""
+        if self.frontend == "encoder":
+            from pllcli.encoders import identity_num_frames
+            return identity_num_frames(json.loads(self.encoder), num_samples)
         if num_samples <= self.frame_length:
             return 1
         return 1 + (num_samples - self.frame_length) // self.hop_length
+
+    def frame_timeline(self, duration: float, num_out: int) -> tuple[float, float]:
+        """(hop, offset) in seconds of a model's `num_out` output frames over a clip of `duration`
+        seconds: output frame j covers [offset + j hop, offset + (j + 1) hop) of the clip.
+
+        Log-mel and fbank frames keep the convention of `pllcli.events` (hop = duration / num_out,
+        offset 0; their true offset, half a window, is under one frame). Encoder frames are placed
+        where their windows are: a model that strides r input frames into one output frame has
+        hop = r x the encoder hop, and frame 0 starts `identity_frame_offset` into the clip, half
+        a receptive field late for speech_embedding (see `pllcli.events.on_clip_timeline`)."""
+        num_out = max(1, int(num_out))
+        if self.frontend != "encoder":
+            return float(duration) / num_out, 0.0
+        from pllcli.encoders import identity_frame_offset
+        identity = json.loads(self.encoder)
+        samples = max(1, int(round(float(duration) * self.sample_rate)))
+        stride = self.num_frames(samples) / num_out
+        return stride * self.hop_length / self.sample_rate, identity_frame_offset(identity, samples)
 
     def make_frontend(self):
         """torch nn.Module: waveform (B, S) float at `sample_rate` -> features (B, T, n_mels) float32."""
