@@ -18,6 +18,15 @@ the word accuracy squared. `--voices-curve` trains the clean probe on 1..5 of th
 (every subset) for each held-out voice: how word accuracy on a new voice grows with the number of
 training voices.
 
+`--split-stores CORPUS OUT` writes OUT/train.h5 and OUT/test.h5 of the corpus with every message cut
+at its pauses and each part embedded alone (frames concatenated; `--encoder` as given, 2 processes);
+`bench_chat.py CORPUS OUT ...` then trains on them as it would on its own stores: the design
+"embed each word alone" measured end to end.
+
+`--snr-bands CORPUS CHECKPOINT STORE` scores a trained model (e.g. bench_chat's run's model.pt on its
+test.h5) per test message and groups the accuracy by the message's SNR (speech level over the
+quietest tenth of its 20 ms windows): where on unseen voices the errors are.
+
 `--corpus DIR` adds the message check: every message cut at its silences (an energy detector;
 cut at the middle of each pause), and the messages with two parts give a per-word probe, trained
 on training messages (truth labels) and scored on test messages, next to the same probe on the
@@ -193,6 +202,94 @@ def message_rows(corpus: Path, enc, n_train: int, seed: int) -> dict:
             "word_inside_message": round(logreg_accuracy(x["inside"], y, fit, score), 3)}
 
 
+def _split_embed(job: tuple) -> list[tuple]:
+    """Worker (a fresh process: onnxruntime is not fork-safe): [(id, frames, duration, parts)]."""
+    rows, corpus, spec = job
+    import torch
+    torch.set_num_threads(1)
+    from pllcli.audio import load_audio
+    from pllcli.encoders import build_encoder
+    enc = build_encoder(spec)
+    out = []
+    for r in rows:
+        x = load_audio(str(Path(corpus) / r["path"]), enc.sample_rate).samples
+        cuts = voiced_parts(x, enc.sample_rate)
+        out.append((r["id"], np.concatenate([enc.embed(x[a:b]) for a, b in cuts]), len(x) / enc.sample_rate, len(cuts)))
+    return out
+
+
+def write_split_stores(corpus: Path, out: Path, spec: str, jobs: int = 2) -> dict:
+    """OUT/train.h5 (voice.csv) and OUT/test.h5 (test.csv), each message's parts embedded alone.
+    The identity gains `split` so that these stores never pass for whole-message ones."""
+    import dataclasses
+    import multiprocessing as mp
+    from pllcli.features import write_feature_store
+    from pllcli.features.config import encoder_config
+    cfg = encoder_config(spec)
+    ident = json.loads(cfg.encoder) | {"split": "pauses (examples/chat_unseen_ceiling.py voiced_parts)"}
+    cfg = dataclasses.replace(cfg, encoder=json.dumps(ident, sort_keys=True))
+    out.mkdir(parents=True, exist_ok=True)
+    info = {}
+    for split, manifest in (("train", "voice.csv"), ("test", "test.csv")):
+        rows = list(csv.DictReader(open(corpus / manifest)))
+        tasks = [(rows[i::jobs], str(corpus), spec) for i in range(jobs)]
+        if jobs == 1:
+            done = _split_embed(tasks[0])
+        else:
+            with mp.get_context("spawn").Pool(jobs) as pool:
+                done = [x for part in pool.map(_split_embed, tasks) for x in part]
+        order = {r["id"]: k for k, r in enumerate(rows)}
+        done.sort(key=lambda t: order[t[0]])
+        write_feature_store(out / f"{split}.h5", cfg, ({"id": i, "features": f, "duration": d} for i, f, d, _ in done))
+        info[f"parts_{split}"] = np.bincount([t[3] for t in done]).tolist()
+        print(f"{out / f'{split}.h5'}: {len(done)} messages, parts per message {info[f'parts_{split}']}", flush=True)
+    return info
+
+
+def noise_level(x: np.ndarray, sr: int) -> float:
+    """RMS of the quietest tenth of 20 ms windows: the message's noise floor."""
+    w = max(1, int(0.02 * sr))
+    e = np.sort(np.convolve(x.astype(np.float64) ** 2, np.ones(w) / w, "valid"))
+    return float(np.sqrt(e[:max(1, len(e) // 10)].mean())) if len(e) else 0.0
+
+
+SNR_BANDS = (-np.inf, 10.0, 15.0, 20.0, 25.0, np.inf)
+
+
+def snr_band_rows(corpus: Path, checkpoint: Path, store: Path) -> list[dict]:
+    """Test accuracy of `checkpoint` on `store` grouped by each message's SNR band."""
+    from pllcli.audio import load_audio
+    from pllcli.checkpoint import load_model
+    from pllcli.features import FeatureStore
+    from pllcli.predict import infer
+    from pllcli.training.data import InMemoryFeatures
+    model, meta = load_model(checkpoint)
+    fs = FeatureStore(store)
+    f, o = fs.load_all()
+    pred = infer(model, InMemoryFeatures(f, o), None, "cpu", 128)["logits"].argmax(1)
+    classes = [str(c) for c in meta["classes"]]
+    test = {r["id"]: r for r in csv.DictReader(open(corpus / "test.csv"))}
+    snr, ok = [], []
+    for i, item in enumerate(fs.ids.tolist()):
+        r = test[str(item)]
+        a = load_audio(str(corpus / r["path"]))
+        snr.append(20 * np.log10(max(speech_level(a.samples, a.sample_rate), 1e-9)
+                                 / max(noise_level(a.samples, a.sample_rate), 1e-9)))
+        ok.append(classes[pred[i]] == r["label"])
+    snr, ok = np.array(snr), np.array(ok)
+    rows = []
+    for lo, hi in zip(SNR_BANDS[:-1], SNR_BANDS[1:]):
+        m = (snr >= lo) & (snr < hi)
+        if m.any():
+            band = (f"< {hi:g} dB" if lo == -np.inf else f">= {lo:g} dB" if hi == np.inf else f"{lo:g}-{hi:g} dB")
+            rows.append({"snr": band, "messages": int(m.sum()), "accuracy": round(float(ok[m].mean()), 3)})
+    rows.append({"snr": "all", "messages": int(len(ok)), "accuracy": round(float(ok.mean()), 3)})
+    print("| message SNR | messages | test accuracy |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['snr']} | {r['messages']} | {r['accuracy']} |")
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     cols = ["fold", "voice", "speech_rms", "corpus_snr_db", "word_clean", "word_noisy", "pair_clean", "pair_noisy"]
     print("| " + " | ".join(cols) + " |")
@@ -203,17 +300,34 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("data", type=Path, help="FSDD recordings folder")
-    ap.add_argument("--encoder", required=True, help="encoder spec, as featurize --encoder takes it")
+    ap.add_argument("data", type=Path, nargs="?", help="FSDD recordings folder (not with --split-stores)")
+    ap.add_argument("--encoder", help="encoder spec, as featurize --encoder takes it (not with --snr-bands)")
     ap.add_argument("--fold", action="append", default=None,
                     help="two held-out voices, comma-separated (repeatable; default jackson,theo)")
     ap.add_argument("--corpus", type=Path, help="a chat corpus folder: also the message check")
+    ap.add_argument("--split-stores", nargs=2, type=Path, metavar=("CORPUS", "OUT"),
+                    help="only write the cut-at-pauses train/test stores of CORPUS into OUT (for bench_chat.py)")
     ap.add_argument("--train-messages", type=int, default=1500, help="training messages of the message check")
     ap.add_argument("--voices-curve", action="store_true", help="also the clean probe on 1..5 training voices")
     ap.add_argument("--cache", type=Path, help="an .npz keeping the FSDD embeddings between runs")
+    ap.add_argument("--snr-bands", nargs=3, type=Path, metavar=("CORPUS", "CHECKPOINT", "STORE"),
+                    help="only the accuracy of CHECKPOINT on STORE (CORPUS's test.csv) by message SNR")
+    ap.add_argument("--jobs", type=int, default=2, help="processes of --split-stores")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
+    if a.split_stores:
+        if a.encoder is None:
+            ap.error("--split-stores needs --encoder")
+        write_split_stores(*a.split_stores, a.encoder, a.jobs)
+        return
+    if a.snr_bands:
+        rows = snr_band_rows(*a.snr_bands)
+        if a.json:
+            a.json.write_text(json.dumps({"command": " ".join(sys.argv), "snr_bands": rows}, indent=2))
+        return
+    if a.data is None or a.encoder is None:
+        ap.error("give the FSDD recordings folder and --encoder")
     from pllcli.encoders import build_encoder
     enc = build_encoder(a.encoder)
     files, digit, _take = list_fsdd(a.data)

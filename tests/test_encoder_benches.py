@@ -222,3 +222,63 @@ def test_chat_unseen_ceiling_rows(tmp_path, frames_onnx, capsys):
     assert out["folds"][0]["fold"] == "c" and "two-word ceiling" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no recordings of zed"):
         ceiling.main([str(data), "--encoder", frames_onnx, "--fold", "zed"])
+
+
+def test_split_stores_embed_each_part_alone(tmp_path, frames_onnx):
+    import soundfile as sf
+
+    from pllcli.encoders import build_encoder
+    from pllcli.features import FeatureStore
+    ceiling = _script("chat_unseen_ceiling")
+    corpus = tmp_path / "chat"
+    (corpus / "audio").mkdir(parents=True)
+    sr = 16000
+    tone = lambda s, f: 0.3 * np.sin(2 * np.pi * f * np.arange(int(s * sr)) / sr)  # noqa: E731
+    msgs = {"m0": np.concatenate([tone(0.3, 300), np.zeros(int(0.2 * sr)), tone(0.3, 900)]), "m1": tone(0.4, 500)}
+    for k, x in msgs.items():
+        sf.write(corpus / "audio" / f"{k}.wav", x.astype(np.float32), sr, subtype="FLOAT")
+    for name in ("voice.csv", "test.csv"):
+        (corpus / name).write_text("id,path\n" + "".join(f"{k},audio/{k}.wav\n" for k in msgs))
+    info = ceiling.write_split_stores(corpus, tmp_path / "out", frames_onnx, jobs=1)
+    assert info["parts_train"] == [0, 1, 1]
+    enc = build_encoder(frames_onnx)
+    fs = FeatureStore(tmp_path / "out" / "train.h5")
+    x = msgs["m0"].astype(np.float32)
+    a, b = ceiling.voiced_parts(x, sr)
+    np.testing.assert_allclose(fs.get("m0"), np.concatenate([enc.embed(x[slice(*a)]), enc.embed(x[slice(*b)])]), atol=1e-6)
+    from pllcli.features.config import encoder_config
+    assert "split" in fs.config.encoder and fs.config.hash() != encoder_config(frames_onnx).hash()
+
+
+def test_snr_bands_group_a_checkpoint_accuracy_by_message_snr(tmp_path, frames_onnx, capsys):
+    import soundfile as sf
+
+    from pllcli.features import FeatureStore, write_feature_store
+    from pllcli.features.config import encoder_config
+    from pllcli.predict import infer
+    from pllcli.training.data import InMemoryFeatures
+    ceiling = _script("chat_unseen_ceiling")
+    corpus = tmp_path / "chat"
+    (corpus / "audio").mkdir(parents=True)
+    sr, rng = 8000, np.random.default_rng(0)
+    t = np.arange(int(0.5 * sr)) / sr
+    msgs = {"loud": (0.3, 1e-4, "a"), "quiet": (0.01, 3e-3, "b")}   # about 60 dB and 7 dB
+    for k, (amp, noise, _) in msgs.items():
+        x = np.concatenate([np.zeros(800), amp * np.sin(2 * np.pi * 440 * t), np.zeros(800)])
+        sf.write(corpus / "audio" / f"{k}.wav", (x + noise * rng.standard_normal(len(x))).astype(np.float32), sr)
+    (corpus / "test.csv").write_text("id,path,label\n" + "".join(f"{k},audio/{k}.wav,{v[2]}\n" for k, v in msgs.items()))
+    cfg = encoder_config(frames_onnx)
+    feats = {k: rng.standard_normal((5, 4)).astype(np.float32) for k in msgs}
+    write_feature_store(tmp_path / "t.h5", cfg, ({"id": k, "features": f, "duration": 0.7} for k, f in feats.items()))
+    torch.manual_seed(0)
+    m = build_model("pooled", 4, 2).eval()
+    save_checkpoint(tmp_path / "m.pt", m, {"kind": "classifier", "classes": ["a", "b"], "task": "single"})
+    f, o = FeatureStore(tmp_path / "t.h5").load_all()
+    pred = infer(m, InMemoryFeatures(f, o), None, "cpu", 8)["logits"].argmax(1)
+    ok = [["a", "b"][pred[0]] == "a", ["a", "b"][pred[1]] == "b"]
+    ceiling.main(["--snr-bands", str(corpus), str(tmp_path / "m.pt"), str(tmp_path / "t.h5"),
+                  "--json", str(tmp_path / "s.json")])
+    rows = {r["snr"]: r for r in json.loads((tmp_path / "s.json").read_text())["snr_bands"]}
+    assert rows["< 10 dB"]["messages"] == 1 and rows["< 10 dB"]["accuracy"] == float(ok[1])
+    assert rows[">= 25 dB"]["messages"] == 1 and rows[">= 25 dB"]["accuracy"] == float(ok[0])
+    assert rows["all"]["accuracy"] == np.mean(ok) and "| message SNR |" in capsys.readouterr().out
