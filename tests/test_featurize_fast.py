@@ -203,3 +203,17 @@ def test_bench_featurize_process_smoke(tmp_path):
     assert len(FeatureStore(tmp_path / "w" / "jobs2.h5")) == 20 and len(FeatureStore(tmp_path / "w" / "one.h5")) == 1
     with np.load(tmp_path / "w" / "naive.npz") as z:
         assert len(z["lengths"]) == 20 and z["features"].shape == (z["lengths"].sum(), 64)
+
+
+def test_one_blas_thread_only_before_numpy_and_never_over_the_user(monkeypatch):
+    from pllcli.cli._state import one_blas_thread
+    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.delenv(k, raising=False)
+    one_blas_thread()                                     # numpy is loaded here: too late to matter
+    assert "OPENBLAS_NUM_THREADS" not in os.environ
+    monkeypatch.delitem(sys.modules, "numpy")
+    one_blas_thread()
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    one_blas_thread()
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "4"

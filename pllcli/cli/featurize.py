@@ -90,14 +90,10 @@ def featurize_cmd(
     rerun the same command after an interruption and finished chunks are kept.
     """
     import logging
-    import os
     import sys
 
-    if "numpy" not in sys.modules and not (os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")):
-        # one BLAS thread per process (--jobs N makes the processes): OpenBLAS would split every clip's
-        # mel matmul over all cores and spin between them (3x the CPU time); read when numpy loads
-        os.environ["OPENBLAS_NUM_THREADS"] = "1"
-    from pllcli.cli._state import settings
+    from pllcli.cli._state import one_blas_thread, settings
+    one_blas_thread()   # one per process: --jobs N makes the processes
     from pllcli.errors import StrictModeError, UsageError
     from pllcli.features.config import AUTO_PRESET, AutoPreset, config_from_options, encoder_config
     from pllcli.features.extract import DEFAULT_CHUNK, featurize

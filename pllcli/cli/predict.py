@@ -76,6 +76,8 @@ def predict_cmd(
     frame-level models)."""
     import sys
 
+    from pllcli.cli._state import one_blas_thread
+    one_blas_thread()   # audio inputs are featurized here; the model itself runs on torch's threads
     from pllcli.cli._options import memory_bytes
     from pllcli.io import write_json
     from pllcli.predict import predict
