@@ -95,6 +95,7 @@ def _two_views_worker(rank, port, out):
     loss = net(x).logsumexp(1).mean() + net(x + 0.1).pow(2).mean()
     loss.backward()
     torch.save([p.grad for p in model.parameters()], os.path.join(out, f"g{rank}.pt"))
+    dist.barrier()  # as train does: rank 0 hosts the store, tearing it down under rank 1 aborts it
     dist.close()
 
 
@@ -136,6 +137,7 @@ def _when_attention_worker(rank, port, out):
     when_loss(net(x, torch.tensor([12, 10, 8, 12]), part="when"), torch.tensor([1.0, 0, 1, 0]), "attention",
               model).backward()
     torch.save(model.when_att.att.weight.grad, os.path.join(out, f"a{rank}.pt"))
+    dist.barrier()
     dist.close()
 
 

@@ -253,12 +253,16 @@ def _is_disk_full(e: BaseException) -> bool:
 
 def _compute(asm: _Assembler, tasks: list[tuple], jobs: int, config: FeatureConfig) -> list[int]:
     """Run the tasks (here, or here and on forked workers); the workers still to be reaped."""
-    torch = sys.modules.get("torch")  # the --encoder path imported it: one thread per process
+    parallel = jobs > 1 and len(tasks) > 1
+    # the --encoder path imported torch: with workers, one thread per process, set before the
+    # encoder opens its sessions (onnxruntime must not have run a multi-threaded session before a
+    # fork, see pllcli.encoders.onnx._Session); alone, the encoder keeps torch's threads
+    torch = sys.modules.get("torch") if parallel else None
     prev = torch.get_num_threads() if torch is not None else None
     if torch is not None:
         torch.set_num_threads(1)
     try:
-        if jobs <= 1 or len(tasks) <= 1:
+        if not parallel:
             asm.open_output()
             for task in tasks:
                 asm.handle(process_chunk(task))
