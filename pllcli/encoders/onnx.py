@@ -44,8 +44,10 @@ class _Session:
     (more than one thread), a child forked from it hangs for good in its first
     `InferenceSession` (every time on this machine, even after the parent's sessions were
     closed). So the sessions an encoder opens to probe itself are single-threaded and closed
-    (`close`), and featurize, which forks, runs at one torch thread per process: its sessions
-    open with one thread. Elsewhere (predict, export) a session takes torch's thread count.
+    (`close`), and featurize with workers sets one torch thread per process before the first
+    chunk: its sessions open with one thread. Elsewhere (featurize alone, predict, export) a
+    session takes torch's thread count; a process that ran one that way must not fork workers
+    with the same encoder afterwards (the CLI runs one command per process).
     """
 
     def __init__(self, path: Path):
