@@ -192,3 +192,22 @@ def test_median_filter_applies_to_psds_scores(tmp_path):
     assert rep["psds"]["psds1"]["value"] == pytest.approx(p1, abs=1e-9)
     raw = evaluate(truth, frame_scores=tmp_path / "fs").report["psds"]["psds1"]["value"]
     assert p1 > raw + 0.2  # the filter removes the noise blips
+
+
+def test_psds2_is_skipped_not_a_crash_when_one_class_has_truth_events(tmp_path):
+    """sed_scores_eval's cross-trigger scenario fails with one scored class; PSDS1 still equals it."""
+    from pllcli.evaluate import evaluate
+    ref, scores, hop, T = _frame_scores()
+    first = CLASSES[0]
+    ref = {i: [e for e in evs if e[2] == first] for i, evs in ref.items()}
+    _write_dir(tmp_path / "fs", scores, hop, CLASSES)
+    truth = tmp_path / "strong.tsv"
+    truth.write_text("id\tonset\toffset\tlabel\n" + "".join(f"{i}\t{e[0]}\t{e[1]}\t{e[2]}\n"
+                                                           for i, evs in ref.items() for e in evs))
+    rep = evaluate(truth, frame_scores=tmp_path / "fs").report
+    assert rep["psds"]["psds2"]["value"] is None and "2 classes" in rep["psds"]["psds2"]["skipped"]
+    from sed_scores_eval.base_modules.scores import create_score_dataframe
+    dfs = {i: create_score_dataframe(s[:, :1], np.arange(T + 1) * hop, [first]) for i, s in scores.items()}
+    p1 = sse.intersection_based.psds(dfs, ref, {i: T * hop for i in scores}, dtc_threshold=0.7, gtc_threshold=0.7,
+                                     alpha_ct=0.0, alpha_st=1.0, max_efpr=100.0)[0]
+    assert rep["psds"]["psds1"]["value"] == pytest.approx(p1, abs=1e-9)

@@ -124,6 +124,11 @@ def psds_from_frames(frame_scores: dict, hops, classes, ground_truth: dict, dura
     dfs = score_dataframes({i: np.asarray(s)[:, cols] for i, s in frame_scores.items()}, hops, names, durations)
     report, curves = {}, {}
     for name in PSDS_SCENARIOS:
+        if PSDS_SCENARIOS[name]["alpha_ct"] and len(cols) < 2:
+            # cross-triggers need a second class with truth events (sed_scores_eval fails without one)
+            report[name] = {"value": None, "per_class": {}, "skipped": "cross-trigger scenario: needs truth "
+                            "events of at least 2 classes", **PSDS_SCENARIOS[name]}
+            continue
         r = psds(dfs, ground_truth, durations, name)
         curves[name] = (r.pop("etpr"), r.pop("efpr"))
         report[name] = r
