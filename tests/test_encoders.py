@@ -135,7 +135,7 @@ def test_bundle_local_weights(monkeypatch, tmp_path):
 @pytest.mark.parametrize("spec, needle", [
     ("torchaudio:x.pt,layr=2", "valid: layer, weights, sample_rate, name, device, pad, min_duration"),
     ("onnx:a.onnx,mel_scal=0.1", "valid: melspec, embedding"),
-    ("wav2vec:WAV2VEC2_BASE", "choose from onnx, torchaudio"),
+    ("wav2vec:WAV2VEC2_BASE", "choose from hf, onnx, torchaudio"),
     ("WAV2VEC2_BASE", "KIND:"),
     ("torchaudio:a.pt,b.pt", "only one value"),
     ("torchaudio:x.pt,pad=left", "pad must be one of centre, end"),

@@ -4,6 +4,7 @@
     enc = build_encoder("onnx:embedding=E.onnx,melspec=M.onnx,mel_scale=0.1,mel_offset=2")
     enc = build_encoder("onnx:frames.onnx,hop=320")           # one waveform -> frames graph
     enc = build_encoder("torchaudio:WAV2VEC2_BASE,layer=6")   # weights from the torch hub cache
+    enc = build_encoder("hf:microsoft/wavlm-base-plus,layer=6")  # transformers, the HF cache (pllcli[hf])
     frames = enc.embed(wave)                                  # (T', D) float32
     frames, padded = enc.embed(wave, with_padding=True)       # samples of zero padding added
 
@@ -47,6 +48,7 @@ def _lazy(kind: str, module: str, name: str) -> None:
 
 _lazy("onnx", "pllcli.encoders.onnx", "OnnxEncoder")
 _lazy("torchaudio", "pllcli.encoders.torchaudio_bundle", "TorchaudioEncoder")
+_lazy("hf", "pllcli.encoders.hf", "HFEncoder")
 
 
 def list_kinds() -> list[str]:
@@ -149,6 +151,24 @@ class Encoder:
     def as_module(self):
         """torch nn.Module: waveform (B, S) float at sample_rate -> (B, T', D) (no padding added)."""
         raise NotImplementedError
+
+    def onnx_graph(self, opset: int = 17):
+        """ONNX ModelProto of `as_module()` through torch: waveform (B, S) -> frames (B, T', D) (no
+        padding); `export` composes it with the model (ONNX encoders use their own files)."""
+        import io
+        import warnings
+
+        import onnx
+        import torch
+        buf = io.BytesIO()
+        example = torch.zeros(1, max(self.target_samples, self.sample_rate))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(self.as_module(), (example,), buf, dynamo=False, opset_version=opset,
+                              input_names=["waveform"], output_names=["frames"],
+                              dynamic_axes={"waveform": {0: "batch", 1: "samples"},
+                                            "frames": {0: "batch", 1: "frames"}})
+        return onnx.load_from_string(buf.getvalue())
 
 
 def _target_samples(min_samples: int, min_duration: "float | None", sample_rate: int) -> int:

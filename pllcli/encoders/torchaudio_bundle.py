@@ -207,20 +207,3 @@ class TorchaudioEncoder(Encoder):
                 return feats[-1]
 
         return TorchaudioFrames().eval()
-
-    def onnx_graph(self, opset: int = 17):
-        """ONNX ModelProto of `as_module()`: waveform (B, S) -> frames (B, T', D) (no padding)."""
-        import io
-        import warnings
-
-        import onnx
-        import torch
-        buf = io.BytesIO()
-        example = torch.zeros(1, max(self.target_samples, self.sample_rate))
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(self.as_module(), (example,), buf, dynamo=False, opset_version=opset,
-                              input_names=["waveform"], output_names=["frames"],
-                              dynamic_axes={"waveform": {0: "batch", 1: "samples"},
-                                            "frames": {0: "batch", 1: "frames"}})
-        return onnx.load_from_string(buf.getvalue())
