@@ -86,11 +86,24 @@ def test_hf_errors_name_the_problem(tmp_path):
         build_encoder(f"hf:{bert}")
 
 
-def test_hf_repo_not_cached_offline_is_one_clear_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_hf_repo_from_the_cache_else_one_clear_line(tmp_path, monkeypatch):
+    """A repo id resolves through the Hugging Face cache first; a failed fetch (offline here: the
+    fetch is faked, tests never touch the network) is one line saying how to pre-fetch."""
+    import huggingface_hub
+    _save(tmp_path / "snap")
+    calls = []
+
+    def fake(repo, local_files_only=False, **kw):
+        calls.append((repo, local_files_only))
+        if repo == "someone/cached":
+            return str(tmp_path / "snap")
+        raise OSError("We couldn't connect to the Hub" if not local_files_only else "not in the cache")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    enc = build_encoder("hf:someone/cached,layer=1")
+    assert enc.name == "someone/cached" and calls == [("someone/cached", True)]
     with pytest.raises(InputError, match="cannot fetch Hugging Face model someone/tiny-model .*hf download"):
         build_encoder("hf:someone/tiny-model")
+    assert calls[1:] == [("someone/tiny-model", True), ("someone/tiny-model", False)]
 
 
 def test_hf_export_composes_waveform_to_probs(tmp_path):
