@@ -133,9 +133,10 @@ def test_hf_featurize_store_frames_and_hash(tmp_path, cli_inproc):
     (tmp_path / "audio").mkdir()
     for i in range(3):
         sf.write(tmp_path / "audio" / f"c{i}.wav", _wave(800 + 300 * i, i), 16000, subtype="FLOAT")
-    code, _, err = cli_inproc("featurize", tmp_path / "audio", "-o", tmp_path / "a.h5", "--encoder",
-                              f"hf:{tmp_path / 'm'},layer=1")
+    code, out, err = cli_inproc("featurize", tmp_path / "audio", "-o", tmp_path / "a.h5", "--encoder",
+                                f"hf:{tmp_path / 'm'},layer=1")
     assert code == 0, err
+    assert "Loading weights" not in out + err and "featurized 3 files" in out + err   # no transformers bars
     fs = FeatureStore(tmp_path / "a.h5")
     enc = build_encoder(f"hf:{tmp_path / 'm'},layer=1")
     x, _ = sf.read(tmp_path / "audio" / "c2.wav", dtype="float32")

@@ -76,6 +76,8 @@ class HFEncoder(Encoder):
             raise UsageError("--encoder hf: give a model (hf:microsoft/wavlm-base-plus) or a save_pretrained "
                              "folder (hf:DIR)")
         tf = _transformers()
+        tf.utils.logging.set_verbosity_error()      # no loading progress bars or notices in pllcli's output
+        tf.utils.logging.disable_progress_bar()
         folder = resolve_source(source)
         weights = [folder / f for f in WEIGHT_FILES if (folder / f).is_file()]
         if not weights:
