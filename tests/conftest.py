@@ -26,6 +26,17 @@ def _restore_registries():
         reg.update(old)
 
 
+def load_example(name: str):
+    """The module examples/NAME.py (benchmark scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def run_cli(*args, input=None):
     """Run `python -m pllcli ARGS` in a subprocess; return CompletedProcess."""
     import subprocess

@@ -1,9 +1,7 @@
 """Issue 15 on tiny generated data (a tiny ONNX frames graph, no network): the `pooled` model,
 `examples/bench_ssl.py --encoder`, `examples/bench_encoder.py --cost` and
 `examples/bench_weak.py --encoder`."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,16 +10,8 @@ import torch
 from pllcli.checkpoint import load_model, save_checkpoint
 from pllcli.errors import UsageError
 from pllcli.models import build_model, list_models
+from tests.conftest import load_example
 from tests.test_encoders import _Frames, _export
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture
@@ -89,7 +79,7 @@ def _fsdd_like(folder, takes=7):
 def test_bench_ssl_encoder_rows(tmp_path, frames_onnx, capsys):
     data = _fsdd_like(tmp_path / "rec")
     work = tmp_path / "work"
-    bench = _script("bench_ssl")
+    bench = load_example("bench_ssl")
     methods = "supervised,fixmatch,pseudo-label student,full labels"
     bench.main([str(data), "--work", str(work), "--encoder", frames_onnx, "--model", "pooled", "--model-opt",
                 "hidden=8", "--student-init", "none", "--per-class", "1", "--epochs", "1", "--sup-epochs", "2",
@@ -136,7 +126,7 @@ def _weak_like(folder, n=7):
 
 def test_bench_encoder_cost_rows_and_reuse(tmp_path, frames_onnx, capsys):
     data = _weak_like(tmp_path / "weak")
-    bench = _script("bench_encoder")
+    bench = load_example("bench_encoder")
     argv = ["--cost", str(data / "clips.csv"), "--cost-dir", str(tmp_path / "c"), "--encoder", frames_onnx,
             "--baseline", "--json", str(tmp_path / "cost.json")]
     bench.main(argv)
@@ -156,7 +146,7 @@ def test_bench_encoder_cost_rows_and_reuse(tmp_path, frames_onnx, capsys):
 # ------------------------------------------------------------------ bench_weak.py --encoder
 
 def test_encoder_align_repeats_edge_frames():
-    bench = _script("bench_weak")
+    bench = load_example("bench_weak")
     f = np.arange(6, dtype=np.float32).reshape(3, 2)
     assert bench.encoder_align(f, 0) is f
     assert bench.encoder_align(f, 2)[:, 0].tolist() == [0, 0, 0, 2, 4, 4, 4]
@@ -164,7 +154,7 @@ def test_encoder_align_repeats_edge_frames():
 
 def test_bench_weak_encoder_run(tmp_path, frames_onnx):
     data = _weak_like(tmp_path / "weak")
-    bench = _script("bench_weak")
+    bench = load_example("bench_weak")
     out = tmp_path / "out"
     D = bench.load(data, out, frames_onnx)
     assert D["Xtr"].shape[2] == 4 and D["hop"] == pytest.approx(8 / 16000) and D["align_frames"] == 1
@@ -185,7 +175,7 @@ def test_bench_weak_encoder_run(tmp_path, frames_onnx):
 # ------------------------------------------------------------------ chat_unseen_ceiling.py
 
 def test_voiced_parts_cut_messages_in_the_middle_of_each_pause():
-    ceiling = _script("chat_unseen_ceiling")
+    ceiling = load_example("chat_unseen_ceiling")
     sr = 16000
     rng = np.random.default_rng(0)
     tone = lambda s: 0.3 * np.sin(2 * np.pi * 300 * np.arange(int(s * sr)) / sr)  # noqa: E731
@@ -210,7 +200,7 @@ def test_chat_unseen_ceiling_rows(tmp_path, frames_onnx, capsys):
             for take in range(4):
                 sf.write(data / f"{d}_{spk}_{take}.wav", (level * np.sin(2 * np.pi * (200 + 300 * d) * t)
                                                           + 1e-3 * rng.standard_normal(1600)).astype(np.float32), 8000)
-    ceiling = _script("chat_unseen_ceiling")
+    ceiling = load_example("chat_unseen_ceiling")
     ceiling.main([str(data), "--encoder", frames_onnx, "--fold", "c", "--voices-curve", "--json", str(tmp_path / "c.json")])
     out = json.loads((tmp_path / "c.json").read_text())
     (row,) = out["voices"]
@@ -229,7 +219,7 @@ def test_split_stores_embed_each_part_alone(tmp_path, frames_onnx):
 
     from pllcli.encoders import build_encoder
     from pllcli.features import FeatureStore
-    ceiling = _script("chat_unseen_ceiling")
+    ceiling = load_example("chat_unseen_ceiling")
     corpus = tmp_path / "chat"
     (corpus / "audio").mkdir(parents=True)
     sr = 16000
@@ -257,7 +247,7 @@ def test_snr_bands_group_a_checkpoint_accuracy_by_message_snr(tmp_path, frames_o
     from pllcli.features.config import encoder_config
     from pllcli.predict import infer
     from pllcli.training.data import InMemoryFeatures
-    ceiling = _script("chat_unseen_ceiling")
+    ceiling = load_example("chat_unseen_ceiling")
     corpus = tmp_path / "chat"
     (corpus / "audio").mkdir(parents=True)
     sr, rng = 8000, np.random.default_rng(0)

@@ -346,9 +346,8 @@ def test_extract_speech_embedding_checks_wheel(tmp_path):
 
 def test_bench_encoder_script_runs(tmp_path, capsys):
     """examples/bench_encoder.py on a tiny FSDD-like folder with a tiny ONNX encoder."""
-    import importlib.util
     import json
-    from pathlib import Path
+
     import soundfile as sf
     pytest.importorskip("sklearn")
     data = tmp_path / "rec"
@@ -360,10 +359,8 @@ def test_bench_encoder_script_runs(tmp_path, capsys):
             sf.write(data / f"{d}_spk_{take}.wav", (0.3 * np.sin(2 * np.pi * (200 + 150 * d) * t)
                                                   + 0.01 * rng.standard_normal(1600)).astype(np.float32), 8000)
     path = _export(_Frames().eval(), torch.zeros(1, 64), tmp_path / "frames.onnx", "wave")
-    script = Path(__file__).resolve().parents[1] / "examples" / "bench_encoder.py"
-    spec = importlib.util.spec_from_file_location("bench_encoder", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from tests.conftest import load_example
+    mod = load_example("bench_encoder")
     mod.main([str(data), "--encoder", f"onnx:{path}", "--per-class", "1", "--draws", "2",
               "--json", str(tmp_path / "b.json")])
     out = json.loads((tmp_path / "b.json").read_text())

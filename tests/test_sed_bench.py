@@ -1,22 +1,17 @@
 """examples/bench_weak.py: pseudo-strong-label targets and the student / mean-teacher rows (tiny
 synthetic tensors, one epoch: the rows run and report the SED figures)."""
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import load_example
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_weak", ROOT / "examples" / "bench_weak.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("bench_weak")
 
 
 def test_frame_targets_masked_by_tags_and_scaled_to_peak(bench):
@@ -124,14 +119,19 @@ def test_tune_per_event_picks_the_extension_the_truth_needs(bench, monkeypatch):
     assert res["validation"]["psds1"] > 0.9 and res["validation"]["event_f1_micro"] == 1.0
 
 
-def test_per_event_student_trains_on_the_teachers_named_segments(bench, monkeypatch):
-    torch.set_num_threads(1)
+@pytest.fixture
+def one_segment_teacher(bench, monkeypatch):
+    """(tiny corpus, teacher decoder) with a teacher whose WHEN is one segment, 0.5-0.9 s, per clip."""
     when = np.zeros(20)
     when[5:9] = 0.9
     monkeypatch.setattr(bench, "predict_when_who", _fake_when_who(when))
-    D = _tiny_corpus(np.random.default_rng(0))
+    return _tiny_corpus(np.random.default_rng(0)), {"decode": {"median": 1, "min_duration": 0.0, "min_gap": 0.0},
+                                                     "extend": (0.1, 0.1)}
+
+
+def test_per_event_student_trains_on_the_teachers_named_segments(bench, one_segment_teacher):
+    D, dec = one_segment_teacher
     a = SimpleNamespace(seed=0, width=4, batch_size=4, lr=1e-3, epochs=1)
-    dec = {"decode": {"median": 1, "min_duration": 0.0, "min_gap": 0.0}, "extend": (0.1, 0.1)}
     r = bench.per_event_student(D, a, None, 0.1, dec)
     # one WHEN segment per clip, named among the clip's true tags: clips without tags get none
     assert r["pseudo_events"] == int(D["Ytr"].any(1).sum())
@@ -139,15 +139,10 @@ def test_per_event_student_trains_on_the_teachers_named_segments(bench, monkeypa
     assert 0.0 <= r["event_f1_micro"] <= 1.0 and 0.0 <= r["who_mAP"] <= 1.0
 
 
-def test_segment_who_student_trains_on_one_crop_per_named_segment(bench, monkeypatch):
-    torch.set_num_threads(1)
-    when = np.zeros(20)
-    when[5:9] = 0.9
-    monkeypatch.setattr(bench, "predict_when_who", _fake_when_who(when))
-    D = _tiny_corpus(np.random.default_rng(0))
+def test_segment_who_student_trains_on_one_crop_per_named_segment(bench, one_segment_teacher):
+    D, dec = one_segment_teacher
     a = SimpleNamespace(seed=0, batch_size=4, lr=1e-3, epochs=1)
     net = lambda: bench.WhenWhoNet(8, 3, width=4, rnn_hidden=4, time_stride=2, shared=False)  # noqa: E731
-    dec = {"decode": {"median": 1, "min_duration": 0.0, "min_gap": 0.0}, "extend": (0.1, 0.1)}
     model, crops = bench.segment_who_student(D, a, None, net, 0.1, dec)
     assert crops == int(D["Ytr"].any(1).sum())          # one WHEN segment per tagged clip
     assert isinstance(model, bench.WhenWhoNet)

@@ -1,20 +1,15 @@
 """examples/sed_ceiling.py: the voiced share of a true event measured on the clip's energy."""
-import importlib.util
 import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import load_example
 
 
 @pytest.fixture(scope="module")
 def ceiling():
-    spec = importlib.util.spec_from_file_location("sed_ceiling", ROOT / "examples" / "sed_ceiling.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("sed_ceiling")
 
 
 def test_voiced_span_first_and_last_active_frame(ceiling):

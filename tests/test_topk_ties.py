@@ -1,15 +1,5 @@
 """examples/topk_ties.py: the tie rules it compares, against the one Checkpoints applies."""
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("topk_ties", ROOT / "examples" / "topk_ties.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.conftest import load_example
 
 
 def test_tie_rules_and_the_checkpoints_rule_is_earliest(tmp_path):
@@ -18,7 +8,7 @@ def test_tie_rules_and_the_checkpoints_rule_is_earliest(tmp_path):
     import torch
 
     from pllcli.training.checkpoints import Checkpoints
-    ties = _script()
+    ties = load_example("topk_ties")
     values = {1: 0.5, 2: 0.7, 3: 0.7, 4: 0.6, 5: 0.7}
     assert ties.chosen(values, 2, "earliest") == [2, 3]
     assert ties.chosen(values, 2, "latest") == [3, 5]
