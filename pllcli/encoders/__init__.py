@@ -152,6 +152,40 @@ class Encoder:
         """torch nn.Module: waveform (B, S) float at sample_rate -> (B, T', D) (no padding added)."""
         raise NotImplementedError
 
+
+class TorchModelEncoder(Encoder):
+    """An encoder that is a torch model: subclasses set `model` and `device` and implement
+    `_forward(waveform (B, S) tensor) -> (B, T', D)`; embedding, the export module and its ONNX
+    graph follow from it."""
+
+    model = None
+    device = "cpu"
+
+    def _forward(self, x):
+        raise NotImplementedError
+
+    def _embed_padded(self, x: np.ndarray) -> np.ndarray:
+        import torch
+        with torch.inference_mode():
+            out = self._forward(torch.from_numpy(np.ascontiguousarray(x))[None].to(self.device))
+        return out[0].float().cpu().numpy()
+
+    def as_module(self):
+        """torch module (B, S) -> (B, T', D) running `_forward`; traceable for export."""
+        import torch
+
+        enc = self
+
+        class EncoderFrames(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = enc.model
+
+            def forward(self, waveform):
+                return enc._forward(waveform)
+
+        return EncoderFrames().eval()
+
     def onnx_graph(self, opset: int = 17):
         """ONNX ModelProto of `as_module()` through torch: waveform (B, S) -> frames (B, T', D) (no
         padding); `export` composes it with the model (ONNX encoders use their own files)."""

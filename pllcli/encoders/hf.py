@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pllcli.encoders import Encoder, file_sha256, register
+from pllcli.encoders import TorchModelEncoder, file_sha256, register
 from pllcli.errors import CheckpointError, InputError, MissingExtraError, UsageError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -63,7 +63,7 @@ def _conv_geometry(config) -> tuple[int, int]:
 
 
 @register("hf")
-class HFEncoder(Encoder):
+class HFEncoder(TorchModelEncoder):
     """A transformers audio model with a wav2vec2-style conv feature extractor."""
 
     positional_help = "REPO|DIR"
@@ -122,25 +122,3 @@ class HFEncoder(Encoder):
             x = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True, unbiased=False) + 1e-7).sqrt()
         out = self.model(x, output_hidden_states=True)
         return out.hidden_states[self.layer]
-
-    def _embed_padded(self, x: np.ndarray) -> np.ndarray:
-        import torch
-        with torch.inference_mode():
-            out = self._forward(torch.from_numpy(np.ascontiguousarray(x))[None].to(self.device))
-        return out[0].float().cpu().numpy()
-
-    def as_module(self):
-        """torch module (B, S) -> (B, T', D); traceable for export."""
-        import torch
-
-        enc = self
-
-        class HFFrames(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = enc.model
-
-            def forward(self, waveform):
-                return enc._forward(waveform)
-
-        return HFFrames().eval()

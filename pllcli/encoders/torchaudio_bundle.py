@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pllcli.encoders import Encoder, file_sha256, register
+from pllcli.encoders import TorchModelEncoder, file_sha256, register
 from pllcli.errors import CheckpointError, InputError, UsageError
 
 TORCHAUDIO_URL = "https://download.pytorch.org/torchaudio/models/"
@@ -105,7 +105,7 @@ def _receptive_field(model) -> tuple[int, int]:
 
 
 @register("torchaudio")
-class TorchaudioEncoder(Encoder):
+class TorchaudioEncoder(TorchModelEncoder):
     """A wav2vec2-family model; `source` is a bundle name or a local model file (.pt)."""
 
     positional_help = "BUNDLE|PATH.pt"
@@ -184,26 +184,3 @@ class TorchaudioEncoder(Encoder):
         """(B, S) tensor -> (B, T', D) output of transformer layer `self.layer`."""
         feats, _ = self.model.extract_features(x, num_layers=self.layer)
         return feats[-1]
-
-    def _embed_padded(self, x: np.ndarray) -> np.ndarray:
-        import torch
-        with torch.inference_mode():
-            out = self._forward(torch.from_numpy(x)[None].to(self.device))
-        return out[0].float().cpu().numpy()
-
-    def as_module(self):
-        """torch module (B, S) -> (B, T', D); traceable for export."""
-        import torch
-
-        enc = self
-
-        class TorchaudioFrames(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = enc.model
-
-            def forward(self, waveform):
-                feats, _ = self.model.extract_features(waveform, num_layers=enc.layer)
-                return feats[-1]
-
-        return TorchaudioFrames().eval()
