@@ -54,10 +54,15 @@ NOISE_STD = (0.0005, 0.005)
 WORDS = "zero one two three four five six seven eight nine".split()
 
 
+def _window_powers(x: np.ndarray, sr: int) -> np.ndarray:
+    """Mean power of every 20 ms window (one per sample), sorted."""
+    w = max(1, int(0.02 * sr))
+    return np.sort(np.convolve(x.astype(np.float64) ** 2, np.ones(w) / w, "valid"))
+
+
 def speech_level(x: np.ndarray, sr: int) -> float:
     """RMS of the loudest quarter of 20 ms windows: the level of the voiced part."""
-    w = max(1, int(0.02 * sr))
-    e = np.sort(np.convolve(x.astype(np.float64) ** 2, np.ones(w) / w, "valid"))
+    e = _window_powers(x, sr)
     return float(np.sqrt(e[-max(1, len(e) // 4):].mean())) if len(e) else 0.0
 
 
@@ -248,8 +253,7 @@ def write_split_stores(corpus: Path, out: Path, spec: str, jobs: int = 2) -> dic
 
 def noise_level(x: np.ndarray, sr: int) -> float:
     """RMS of the quietest tenth of 20 ms windows: the message's noise floor."""
-    w = max(1, int(0.02 * sr))
-    e = np.sort(np.convolve(x.astype(np.float64) ** 2, np.ones(w) / w, "valid"))
+    e = _window_powers(x, sr)
     return float(np.sqrt(e[:max(1, len(e) // 10)].mean())) if len(e) else 0.0
 
 

@@ -36,7 +36,7 @@ def resolve_source(source: str) -> Path:
         if not (p / "config.json").is_file():
             raise InputError("not a saved transformers model (no config.json)", str(p))
         return p
-    if p.suffix or source.count("/") > 1 or source.startswith((".", "/")):
+    if source.count("/") > 1 or source.startswith((".", "/", "~")):   # a path, not an owner/name repo id
         raise InputError("encoder model folder not found", str(p))
     _transformers()
     from huggingface_hub import snapshot_download

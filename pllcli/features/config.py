@@ -15,6 +15,7 @@ first `num_frames(S)` frames.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -155,7 +156,7 @@ class FeatureConfig:
         """Frames produced for a clip of `num_samples` samples (>= 1 for any non-empty clip)."""
         if self.frontend == "encoder":
             from pllcli.encoders import identity_num_frames
-            return identity_num_frames(json.loads(self.encoder), num_samples)
+            return identity_num_frames(_identity(self.encoder), num_samples)
         if num_samples <= self.frame_length:
             return 1
         return 1 + (num_samples - self.frame_length) // self.hop_length
@@ -173,10 +174,9 @@ class FeatureConfig:
         if self.frontend != "encoder":
             return float(duration) / num_out, 0.0
         from pllcli.encoders import identity_frame_offset
-        identity = json.loads(self.encoder)
         samples = max(1, int(round(float(duration) * self.sample_rate)))
         stride = self.num_frames(samples) / num_out
-        return stride * self.hop_length / self.sample_rate, identity_frame_offset(identity, samples)
+        return stride * self.hop_length / self.sample_rate, identity_frame_offset(_identity(self.encoder), samples)
 
     def make_frontend(self):
         """torch nn.Module: waveform (B, S) float at `sample_rate` -> features (B, T, n_mels) float32."""
@@ -194,6 +194,12 @@ class FeatureConfig:
         return (f"{self.frontend} {self.sample_rate} Hz, {self.n_mels} mels, "
                 f"win {self.win_length}/hop {self.hop_length} (n_fft {self.n_fft}), "
                 f"{self.fmin:g}-{self.fmax_hz:g} Hz, {self.dtype}")
+
+
+@functools.lru_cache(maxsize=8)
+def _identity(encoder_json: str) -> dict:
+    """An encoder identity parsed once (frame geometry is asked per item); do not mutate it."""
+    return json.loads(encoder_json)
 
 
 def _pow2(n: int) -> int:
